@@ -1,0 +1,3 @@
+from clamp_export.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""The click CLI. ``clamp-export MODEL ...`` runs everything; stage subcommands sit beside it.
+
+Every ``UserError`` (and click's own usage errors) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from clamp_export.errors import UserError
+
+DEFAULT_COMMAND = "quantize"
+
+
+class _DefaultGroup(click.Group):
+    """Routes ``clamp-export MODEL ...`` to the ``quantize`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"malformed {flag} {text!r}: expected comma-separated numbers") from None
+
+
+@click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clamp-export")
+def cli() -> None:
+    """Data-free CLAMP-ViT quantization of timm ViTs → QDQ ONNX, TensorRT, ONNX Runtime.
+
+    \b
+    clamp-export MODEL --bits w4a8 --target trt     run everything (the `quantize` command)
+    clamp-export lint MODEL.onnx --target trt       check a graph against the target's rules
+    """
+
+
+@cli.command(DEFAULT_COMMAND)
+@click.argument("model")
+@click.option("--weights", type=click.Path(dir_okay=False), help=".safetensors, .pth/.pt or timm checkpoint.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Passed to timm.create_model.")
+@click.option("--num-classes", type=int)
+@click.option("--img-size", type=int)
+@click.option("--in-chans", type=int)
+@click.option("--mean", help="Comma-separated per-channel mean (overrides the model's).")
+@click.option("--std", help="Comma-separated per-channel std.")
+@click.option("--bits", default="w8a8", show_default=True, help="wXaY, X and Y in 2..8.")
+@click.option("--target", default="ort", show_default=True, help="ort or trt.")
+@click.option("--calib", default="noise", show_default=True, help="noise or real.")
+@click.option("--calib-data", default="fmnist-train", show_default=True, help="For --calib real: fmnist-train or PATH.")
+@click.option("--calib-size", default=32, show_default=True, type=int)
+@click.option("--range", "range_method", default="minmax", show_default=True, help="minmax or percentile.")
+@click.option("--percentile", default=99.99, show_default=True, type=float)
+@click.option("--qparams", "qparams_file", type=click.Path(dir_okay=False), help="Use this qparams.json instead of calibrating.")
+@click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
+@click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
+@click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
+def quantize(**kw) -> None:
+    """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
+    from clamp_export.models import parse_model_args
+    from clamp_export.pipeline import RunConfig, run, summary_table
+
+    cfg = RunConfig(
+        model=kw["model"],
+        bits=kw["bits"],
+        target=kw["target"],
+        weights=kw["weights"],
+        num_classes=kw["num_classes"],
+        img_size=kw["img_size"],
+        in_chans=kw["in_chans"],
+        model_args=parse_model_args(kw["model_args"]),
+        mean=_floats(kw["mean"], "--mean"),
+        std=_floats(kw["std"], "--std"),
+        calib=kw["calib"],
+        calib_data=kw["calib_data"],
+        calib_size=kw["calib_size"],
+        range_method=kw["range_method"],
+        percentile=kw["percentile"],
+        qparams=kw["qparams_file"],
+        eval_data=kw["eval_data"],
+        eval_limit=kw["eval_limit"],
+        out=kw["out"],
+        seed=kw["seed"],
+        build_engine=not kw["no_engine"],
+    )
+    report = run(cfg, log=lambda m: click.echo(m, err=True))
+    click.echo(summary_table(report))
+
+
+@cli.command("lint")
+@click.argument("onnx_file", type=click.Path())
+@click.option("--target", default="trt", show_default=True, help="ort or trt.")
+def lint_cmd(onnx_file: str, target: str) -> None:
+    """Check ONNX_FILE against the target's rules; exit 1 on any violation."""
+    from clamp_export.export.lint import lint_file
+    from clamp_export.quant.targets import get_profile
+
+    violations = lint_file(onnx_file, get_profile(target))
+    for v in violations:
+        click.echo(str(v))
+    if violations:
+        click.echo(f"{len(violations)} violation(s) of the {target} rules in {onnx_file}", err=True)
+        sys.exit(1)
+    click.echo(f"{onnx_file}: clean for {target}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as e:
+        click.echo(f"clamp-export: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("clamp-export: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"clamp-export: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,52 @@
+"""QDQ ONNX export (DESIGN §4) of a fake-quant model, with the exact parameters it holds.
+
+Traced with the TorchScript exporter: the quantizers' ``symbolic`` methods write
+QuantizeLinear/DequantizeLinear themselves (torch's own fake-quant export refuses 4-bit and
+narrow ranges), weights go in as int8 initializers, LayerNorm stays one node (opset >= 17).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from clamp_export import atomic
+from clamp_export.quant.fakequant import exporting
+from clamp_export.quant.targets import TargetProfile
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_qdq(
+    qmodel: nn.Module, input_size: tuple[int, int, int], profile: TargetProfile, path: Path | str
+) -> onnx.ModelProto:
+    """Write ``qmodel`` as a QDQ graph in the profile's float type; return the checked model."""
+    dtype = torch.float16 if profile.float_dtype == "float16" else torch.float32
+    model = copy.deepcopy(qmodel).to(dtype) if dtype != torch.float32 else qmodel
+    dummy = torch.zeros(2, *input_size, dtype=dtype)
+    buf = io.BytesIO()
+    with exporting(model, dtype), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=profile.opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "clamp-export"
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic.atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return proto

@@ -1,0 +1,94 @@
+"""Alias/timm name + weights + kwargs -> a ready float model with its preprocessing."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch import nn
+
+from clamp_export.errors import UserError
+from clamp_export.models import registry
+from clamp_export.models.preprocess import Preprocess
+from clamp_export.models.weights import load_weights
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    timm_name: str
+    model: nn.Module
+    preprocess: Preprocess
+    weights: str  # "bundled:FILE", a path, "timm-pretrained" or "random"
+    weights_sha256: str | None
+
+
+def parse_model_args(items: tuple[str, ...] | list[str]) -> dict:
+    """KEY=VALUE pairs for timm.create_model; values are Python literals when they parse as one."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"malformed --model-arg {item!r}: expected KEY=VALUE, e.g. drop_rate=0.1")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(
+    name: str,
+    weights: Path | str | None = None,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    model_args: dict | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    random_init: bool = False,
+) -> LoadedModel:
+    spec = registry.resolve(name)
+    kwargs = dict(model_args or {})
+    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if value is not None:
+            kwargs[key] = value
+    bundled = registry.REFERENCE_DIR / spec.bundled_weights if spec.bundled_weights else None
+    if weights is None and bundled is not None and not random_init and not bundled.is_file():
+        raise UserError(f"bundled weights {bundled} are missing; reinstall clamp-export")
+    pretrained = weights is None and bundled is None and not random_init
+    model = registry.create(spec, pretrained=pretrained, model_kwargs=kwargs)
+    source, digest = ("random", None)
+    if weights is not None:
+        load_weights(model, weights, user_num_classes=num_classes)
+        source, digest = str(weights), _sha256(Path(weights))
+    elif bundled is not None and not random_init:
+        load_weights(model, bundled)
+        source, digest = f"bundled:{bundled.name}", _sha256(bundled)
+    elif pretrained:
+        source = "timm-pretrained"
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        digest = cfg.get("hf_hub_id") or cfg.get("url") or spec.timm_name
+    pre = registry.preprocess_for(spec, model)
+    if mean is not None or std is not None:
+        c = pre.input_size[0]
+        for label, v in (("--mean", mean), ("--std", std)):
+            if v is not None and len(v) not in (1, c):
+                raise UserError(f"{label} needs 1 or {c} values, got {len(v)}")
+        pre = replace(
+            pre,
+            mean=tuple(mean) * (c // len(mean)) if mean else pre.mean,
+            std=tuple(std) * (c // len(std)) if std else pre.std,
+        )
+    return LoadedModel(name, spec.timm_name, model.eval(), pre, source, digest)

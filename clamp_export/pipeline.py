@@ -1,0 +1,236 @@
+"""The whole run behind ``clamp-export MODEL``: load → calibrate → qparams.json → QDQ ONNX →
+lint → (TensorRT build) → parity report. The CLI only parses flags into a ``RunConfig``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from clamp_export import __version__, atomic
+from clamp_export.build import trt as trt_build
+from clamp_export.data.sources import load_images, noise_images
+from clamp_export.errors import UserError
+from clamp_export.export.lint import lint
+from clamp_export.export.qdq import export_qdq
+from clamp_export.models import load_model
+from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.calibrate import RANGE_METHODS, calibrate
+from clamp_export.quant.fakequant import collect_qparams, load_qparams, wrap_model
+from clamp_export.quant.qparams import QParams
+from clamp_export.quant.targets import get_profile
+from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
+from clamp_export.runtime.runners import OrtRunner, TorchRunner
+
+CALIB_SOURCES = ("noise", "real")
+PARITY_NOISE_IMAGES = 64
+
+
+@dataclass
+class RunConfig:
+    model: str
+    bits: str = "w8a8"
+    target: str = "ort"
+    weights: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
+    model_args: dict = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    calib: str = "noise"
+    calib_data: str = "fmnist-train"
+    calib_size: int = 32
+    range_method: str = "minmax"
+    percentile: float = 99.99
+    qparams: str | None = None  # reuse a qparams.json instead of calibrating
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    out: str = "out"
+    seed: int = 0
+    build_engine: bool = True
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import timm
+
+    v = {
+        "clamp_export": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    trt_name = trt_build.available()
+    if trt_name:
+        v[trt_name] = getattr(trt_build.load_tensorrt(trt_name), "__version__", "?")
+    return v
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.calib not in CALIB_SOURCES:
+        raise UserError(f"unknown --calib {cfg.calib!r}; choose one of: {', '.join(CALIB_SOURCES)}")
+    if cfg.range_method not in RANGE_METHODS:
+        raise UserError(f"unknown --range {cfg.range_method!r}; choose one of: {', '.join(RANGE_METHODS)}")
+    if cfg.calib_size < 1:
+        raise UserError("--calib-size must be at least 1")
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise UserError("--eval-limit must be at least 1")
+
+
+def run(cfg: RunConfig, log=print) -> dict:
+    """Run everything; returns the report (also written to OUT/report.json)."""
+    t_start = time.time()
+    _check(cfg)
+    bits, profile = BitsSpec.parse(cfg.bits), get_profile(cfg.target)
+    out = atomic.ensure_writable_dir(cfg.out)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(
+        cfg.model,
+        cfg.weights,
+        num_classes=cfg.num_classes,
+        img_size=cfg.img_size,
+        in_chans=cfg.in_chans,
+        model_args=cfg.model_args,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+    pre = loaded.preprocess
+    eval_x = eval_y = None
+    if cfg.eval_data:
+        eval_x, eval_y = load_images(cfg.eval_data, pre, limit=cfg.eval_limit)
+    qmodel = wrap_model(loaded.model, bits, profile)
+    if cfg.qparams:
+        qp = QParams.load(cfg.qparams)
+        qp.validate(profile)
+        load_qparams(qmodel, qp)
+        log(f"using {cfg.qparams}")
+    else:
+        if cfg.calib == "noise":
+            calib_x = noise_images(cfg.calib_size, pre, cfg.seed)
+        else:
+            calib_x, _ = load_images(cfg.calib_data, pre, limit=cfg.calib_size, seed=cfg.seed, shuffle=True)
+        log(f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images")
+        calibrate(qmodel, calib_x, cfg.range_method, cfg.percentile)
+        qp = collect_qparams(
+            qmodel,
+            model=loaded.name,
+            target=profile.name,
+            bits=str(bits),
+            metadata={
+                "timm_name": loaded.timm_name,
+                "weights": loaded.weights,
+                "weights_sha256": loaded.weights_sha256,
+                "calibration": {
+                    "source": cfg.calib,
+                    "data": cfg.calib_data if cfg.calib == "real" else None,
+                    "size": cfg.calib_size,
+                    "range": cfg.range_method,
+                    "percentile": cfg.percentile if cfg.range_method == "percentile" else None,
+                    "seed": cfg.seed,
+                },
+                "profile": profile.to_dict(),
+                "bits_spec": bits.to_dict(),
+                "preprocess": pre.to_dict(),
+            },
+        )
+        qp.validate(profile)
+        qp.save(out / "qparams.json")
+
+    onnx_path = out / "model.qdq.onnx"
+    log(f"exporting {onnx_path} (opset {profile.opset}, {profile.float_dtype})")
+    proto = export_qdq(qmodel, pre.input_size, profile, onnx_path)
+    violations = lint(proto, profile)
+    if violations:
+        raise UserError(f"exported graph breaks {profile.name} rules: {violations[0]} (+{len(violations) - 1} more)")
+
+    engine: dict | None = None
+    if profile.name == "trt" and cfg.build_engine:
+        if trt_build.available():
+            log("building a TensorRT engine ahead of time")
+            res = trt_build.build_engine(onnx_path, out / "model.engine", input_shape=pre.input_size)
+            engine = asdict(res)
+        else:
+            engine = {"skipped": f"TensorRT not installed; {trt_build.INSTALL_HINT}"}
+
+    x = eval_x if eval_x is not None else noise_images(PARITY_NOISE_IMAGES, pre, cfg.seed + 1)
+    log(f"parity on {len(x)} {'eval' if eval_x is not None else 'noise'} images")
+    fp32 = TorchRunner(loaded.model, "fp32")(x)
+    fq = TorchRunner(qmodel, "fakequant")(x)
+    ort_logits = OrtRunner(onnx_path)(x)
+    report = {
+        "model": loaded.name,
+        "bits": str(bits),
+        "target": profile.name,
+        "parity_inputs": {"source": cfg.eval_data or "noise", "count": len(x)},
+        "accuracy": None,
+        "agreement": {"ort": top1_agreement(ort_logits, fq), "fakequant_vs_fp32": top1_agreement(fq, fp32)},
+        "logit_error": {"ort": logit_error(ort_logits, fq).to_dict()},
+        "artifacts": {
+            "qparams": str(out / "qparams.json") if not cfg.qparams else cfg.qparams,
+            "onnx": str(onnx_path),
+            "onnx_bytes": onnx_path.stat().st_size,
+            "engine": engine,
+        },
+        "notes": _notes(bits, profile.name),
+        "config": asdict(cfg),
+        "versions": versions(),
+        "seconds": None,
+    }
+    if eval_y is not None:
+        report["accuracy"] = {
+            "fp32": top1_accuracy(fp32, eval_y),
+            "fakequant": top1_accuracy(fq, eval_y),
+            "ort": top1_accuracy(ort_logits, eval_y),
+        }
+    report["seconds"] = round(time.time() - t_start, 1)
+    atomic.write_json(out / "report.json", report)
+    return report
+
+
+def _notes(bits: BitsSpec, target: str) -> list[str]:
+    notes = []
+    if target == "trt" and bits.weight < 8:
+        notes.append(
+            f"TensorRT has no INT{bits.weight}xINT8 kernel: W{bits.weight} weights run as INT8 "
+            f"kernels holding {bits.weight}-bit values (accuracy of W{bits.weight}, speed of W8)."
+        )
+    if bits.act < 8:
+        notes.append(
+            f"A{bits.act} activations are enforced by Clip before int8 Q; both targets run INT8 "
+            "kernels, so they change accuracy, not speed."
+        )
+    return notes
+
+
+def summary_table(report: dict) -> str:
+    rows = [("backend", "top-1", "agree vs FQ", "max|Δ|", "mean|Δ|", "cosine")]
+    acc = report.get("accuracy") or {}
+    err = report["logit_error"]["ort"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    rows.append(("torch fp32", pct(acc.get("fp32")), pct(report["agreement"]["fakequant_vs_fp32"]), "", "", ""))
+    rows.append(("torch fake-quant", pct(acc.get("fakequant")), "ref", "", "", ""))
+    rows.append(
+        (
+            "onnxruntime",
+            pct(acc.get("ort")),
+            pct(report["agreement"]["ort"]),
+            f"{err['max_abs']:.3g}",
+            f"{err['mean_abs']:.3g}",
+            f"{err['cosine']:.6f}",
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = f"{report['model']} {report['bits']} → {report['target']} ({report['parity_inputs']['count']} {report['parity_inputs']['source']} images)"
+    return "\n".join([head, *lines, *(f"note: {n}" for n in report["notes"])])

@@ -1,0 +1,320 @@
+"""Fake-quant wrapping of a timm ViT at the quant points of DESIGN §2.
+
+Quantizers sit on the inputs and weights of matrix products only: qkv/proj/fc1/fc2, the two
+attention matmuls (q, kᵀ, softmax output, v), the patch-embedding conv and the head(s). Each
+``Quantizer`` has three modes: ``off`` (float), ``observe`` (float, feeding a range observer) and
+``quant`` (fake-quant). Under ``exporting(model)`` the same modules trace to exact
+QuantizeLinear/DequantizeLinear nodes, so the ONNX graph computes what this model computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clamp_export.errors import UserError
+from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.math import fake_quantize, level_range, quantize
+from clamp_export.quant.qparams import WEIGHT_ROLE, QParams, QuantPoint
+from clamp_export.quant.targets import TargetProfile
+
+_ONNX_FLOAT = {torch.float32: torch.float32, torch.float16: torch.float16}
+
+
+class _QDQ(torch.autograd.Function):
+    """Activation fake-quant that exports as [Clip →] QuantizeLinear → DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zp: int, qmin: int, qmax: int, signed: bool):  # type: ignore[override]
+        s = torch.tensor(scale, dtype=x.dtype)
+        z = torch.tensor(zp, dtype=x.dtype)
+        return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax, signed):
+        ftype = _export_float_dtype()
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=ftype))
+        z = g.op("Constant", value_t=torch.tensor(zp, dtype=torch.int8 if signed else torch.uint8))
+        container = (-128, 127) if signed else (0, 255)
+        if (qmin, qmax) != container:  # Q saturates at the container bounds: enforce the levels
+            lo = g.op("Constant", value_t=torch.tensor((qmin - zp) * scale, dtype=ftype))
+            hi = g.op("Constant", value_t=torch.tensor((qmax - zp) * scale, dtype=ftype))
+            x = g.op("Clip", x, lo, hi)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _DQWeight(torch.autograd.Function):
+    """Pre-quantized int8 weight (an initializer) → per-channel DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, scale: torch.Tensor, axis: int):  # type: ignore[override]
+        shape = [1] * q.dim()
+        shape[axis] = -1
+        return q.to(scale.dtype) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, axis):
+        channels = scale.type().sizes()[0]
+        z = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int8))
+        return g.op("DequantizeLinear", q, scale, z, axis_i=axis)
+
+
+_EXPORT_DTYPE = [torch.float32]
+
+
+def _export_float_dtype() -> torch.dtype:
+    return _EXPORT_DTYPE[0]
+
+
+class Quantizer(nn.Module):
+    """One quant point: its levels, its parameters, and its mode."""
+
+    def __init__(self, bits: int, signed: bool, symmetric: bool, axis: int | None = None) -> None:
+        super().__init__()
+        self.bits, self.signed, self.symmetric, self.axis = bits, signed, symmetric, axis
+        self.qmin, self.qmax = level_range(bits, signed)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.mode = "off"
+        self.observer = None
+        self.exporting = False
+
+    @property
+    def is_weight(self) -> bool:
+        return self.axis is not None
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale = scale.detach().float().clone().to(self.scale.device)
+        self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
+
+    def point(self) -> QuantPoint:
+        return QuantPoint.from_tensors(
+            self.bits, self.signed, self.scale, self.zero_point, self.axis
+        )
+
+    def load_point(self, p: QuantPoint, where: str) -> None:
+        if p.bits != self.bits or p.signed != self.signed or p.axis != self.axis:
+            raise UserError(
+                f"qparams entry {where} is {'int' if p.signed else 'uint'}{p.bits} axis={p.axis}, "
+                f"but the model was built for {'int' if self.signed else 'uint'}{self.bits} "
+                f"axis={self.axis}; re-run calibration with the same --bits and --target"
+            )
+        scale, zp = p.tensors()
+        self.set_params(scale, zp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observer.update(x)
+            return x
+        if self.exporting and not self.is_weight:
+            return _QDQ.apply(
+                x,
+                float(self.scale),
+                int(self.zero_point),
+                self.qmin,
+                self.qmax,
+                self.signed,
+            )
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def int_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer levels of ``w`` as int8 (the deployed initializer)."""
+        return quantize(w.float(), self.scale, self.zero_point, self.qmin, self.qmax, 0).to(
+            torch.int8
+        )
+
+    def extra_repr(self) -> str:
+        kind = "int" if self.signed else "uint"
+        return f"{kind}{self.bits}, axis={self.axis}, mode={self.mode}"
+
+
+class _QuantWeighted(nn.Module):
+    """Shared plumbing of QuantLinear / QuantConv2d: input and weight quantizers, export weights."""
+
+    def __init__(self, layer: nn.Module, input_q: Quantizer, weight_q: Quantizer) -> None:
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.input_q = input_q
+        self.weight_q = weight_q
+        self.exporting = False
+
+    def prepare_export(self, dtype: torch.dtype) -> None:
+        """Freeze the integer weights as buffers, so they trace to int8 initializers."""
+        q = self.weight_q.int_weight(self.weight)
+        if isinstance(self, QuantLinear):  # Linear [N, K] -> MatMul [K, N]: channels on axis 1
+            q = q.t().contiguous()
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", self.weight_q.scale.to(dtype))
+
+    def release_export(self) -> None:
+        del self.weight_int8, self.weight_scale
+
+    def _export_weight(self) -> torch.Tensor:
+        return _DQWeight.apply(
+            self.weight_int8, self.weight_scale, 1 if isinstance(self, QuantLinear) else 0
+        )
+
+
+class QuantLinear(_QuantWeighted):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_q(x)
+        if self.exporting:
+            y = torch.matmul(x, self._export_weight())
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, self.weight_q(self.weight), self.bias)
+
+
+class QuantConv2d(_QuantWeighted):
+    def __init__(self, conv: nn.Conv2d, input_q: Quantizer, weight_q: Quantizer) -> None:
+        super().__init__(conv, input_q, weight_q)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise UserError(
+                f"patch embedding with padding_mode={conv.padding_mode} is not supported"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_q(x)
+        w = self._export_weight() if self.exporting else self.weight_q(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantAttention(nn.Module):
+    """timm Attention, unfused, with quantizers on both matmuls' inputs."""
+
+    def __init__(self, attn: nn.Module, qkv: QuantLinear, proj: QuantLinear, make_act) -> None:
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise UserError("gated attention is not supported")
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.qkv, self.proj = qkv, proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.q, self.k, self.attn, self.v = make_act(), make_act(), make_act(fixed=True), make_act()
+        self.on_output = None  # Stage 1 reads the head-averaged attn @ v through this hook
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise UserError("attention masks are not supported by the fake-quant model")
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = self.q(q * self.scale)
+        kt = self.k(k.transpose(-2, -1))
+        attn = self.attn((q @ kt).softmax(dim=-1))
+        x = attn @ self.v(v)
+        if self.on_output is not None:
+            self.on_output(x)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj(self.norm(x))
+
+
+def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.Module:
+    """A fake-quant copy of a timm VisionTransformer; the original is left untouched."""
+    from timm.models.vision_transformer import Attention
+
+    qmodel = copy.deepcopy(model).eval()
+
+    def act(fixed: bool = False) -> Quantizer:
+        q = Quantizer(bits.act, profile.act_signed, profile.act_symmetric)
+        q.fixed_range = (0.0, 1.0) if fixed else None
+        return q
+
+    def weight(nbits: int) -> Quantizer:
+        q = Quantizer(nbits, profile.weight_signed, profile.weight_symmetric, axis=0)
+        q.fixed_range = None
+        return q
+
+    def linear(layer: nn.Linear, nbits: int) -> QuantLinear:
+        return QuantLinear(layer, act(), weight(nbits))
+
+    pe = qmodel.patch_embed.proj
+    if not isinstance(pe, nn.Conv2d):
+        raise UserError(f"patch embedding {type(pe).__name__} is not a Conv2d")
+    qmodel.patch_embed.proj = QuantConv2d(pe, act(), weight(bits.edge))
+    for i, blk in enumerate(qmodel.blocks):
+        if not isinstance(blk.attn, Attention):
+            raise UserError(
+                f"blocks.{i}.attn is a {type(blk.attn).__name__}; only timm's standard Attention "
+                "is supported"
+            )
+        a = blk.attn
+        blk.attn = QuantAttention(a, linear(a.qkv, bits.weight), linear(a.proj, bits.weight), act)
+        blk.mlp.fc1 = linear(blk.mlp.fc1, bits.weight)
+        blk.mlp.fc2 = linear(blk.mlp.fc2, bits.weight)
+    for head in ("head", "head_dist"):
+        layer = getattr(qmodel, head, None)
+        if isinstance(layer, nn.Linear):
+            setattr(qmodel, head, linear(layer, bits.edge))
+    return qmodel
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, str, Quantizer]]:
+    """(module name, role, quantizer) for every quant point, in forward order."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, _QuantWeighted):
+            yield name, "input", mod.input_q
+            yield name, WEIGHT_ROLE, mod.weight_q
+        elif isinstance(mod, QuantAttention):
+            for role in ("q", "k", "attn", "v"):
+                yield name, role, getattr(mod, role)
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for _, _, q in quantizers(model):
+        q.mode = mode
+
+
+def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
+    """Install every entry of ``qp`` and switch the model to fake-quant."""
+    expected = {(m, r) for m, r, _ in quantizers(model)}
+    present = {(m, r) for m, r, _ in qp.points()}
+    if expected != present:
+        missing = sorted(f"{m}:{r}" for m, r in expected - present)[:3]
+        extra = sorted(f"{m}:{r}" for m, r in present - expected)[:3]
+        raise UserError(
+            f"qparams.json does not match this model (missing {missing}, unexpected {extra}); "
+            "it was made for another model"
+        )
+    for name, role, q in quantizers(model):
+        q.load_point(qp.get(name, role), f"{name}:{role}")
+        q.mode = "quant"
+    return model
+
+
+def collect_qparams(qmodel: nn.Module, **header) -> QParams:
+    qp = QParams(**header)
+    for name, role, q in quantizers(qmodel):
+        qp.set(name, role, q.point())
+    return qp
+
+
+@contextlib.contextmanager
+def exporting(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
+    """Trace-friendly mode: activations become Q/DQ ops and weights int8 initializers."""
+    flagged = [m for m in model.modules() if isinstance(m, (_QuantWeighted, Quantizer))]
+    _EXPORT_DTYPE[0] = _ONNX_FLOAT[dtype]
+    for m in flagged:
+        m.exporting = True
+        if isinstance(m, _QuantWeighted):
+            m.prepare_export(dtype)
+    try:
+        yield model
+    finally:
+        for m in flagged:
+            m.exporting = False
+            if isinstance(m, _QuantWeighted):
+                m.release_export()
+        _EXPORT_DTYPE[0] = torch.float32

@@ -1,0 +1,94 @@
+"""Uniform affine quantization, exactly as ONNX QuantizeLinear / DequantizeLinear compute it.
+
+QuantizeLinear: q = saturate(round_half_to_even(x / scale) + zero_point). The division (not a
+multiply by 1/scale) and the half-to-even rounding both matter for bit-exact parity with the
+exported graph. Everything here is plain tensor math: no modules, no state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def level_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer levels for ``bits`` bits: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1]."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _broadcast(p: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or p.numel() == 1:
+        return p.reshape(()) if p.numel() == 1 else p
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return p.reshape(shape)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Integer levels (as a float tensor) of ``x``; ``torch.round`` is half-to-even."""
+    s = _broadcast(scale.to(x.dtype), x, axis)
+    z = _broadcast(zero_point.to(x.dtype), x, axis)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None
+) -> torch.Tensor:
+    s = _broadcast(scale.to(q.dtype), q, axis)
+    z = _broadcast(zero_point.to(q.dtype), q, axis)
+    return (q - z) * s
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Straight-through estimator, so fake-quant models stay differentiable for image refinement."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """dequantize(quantize(x)), with a straight-through gradient."""
+    return _RoundSTE.apply(x, scale, zero_point, qmin, qmax, axis)
+
+
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point that map [lo, hi] onto the levels.
+
+    Symmetric (signed levels): scale = max|x| / qmax, zero-point 0, so +max is exactly
+    representable and -max saturates one level early, as TensorRT does. Asymmetric: the range is
+    widened to include 0 (so 0 is exact), scale = (hi - lo) / (qmax - qmin).
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    tiny = torch.finfo(torch.float32).tiny * 1e6
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / qmax, min=tiny)
+        return scale.float(), torch.zeros_like(scale, dtype=torch.int32)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
+    zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+    return scale.float(), zp

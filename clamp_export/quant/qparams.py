@@ -1,0 +1,162 @@
+"""The contract file ``qparams.json``: written by calibration/search, read by fake-quant and export.
+
+Keyed by module name, then by role (``input``/``weight`` on Linear and Conv modules; ``q``, ``k``,
+``attn``, ``v`` on attention modules). Weight axes are in PyTorch layout (0 = output channel); the
+exporter maps them to the deployed layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from clamp_export import atomic
+from clamp_export.errors import UserError
+from clamp_export.quant.math import level_range
+from clamp_export.quant.targets import TargetProfile
+
+SCHEMA_VERSION = 1
+WEIGHT_ROLE = "weight"
+
+
+@dataclass
+class QuantPoint:
+    bits: int
+    signed: bool
+    scale: list[float]
+    zero_point: list[int]
+    axis: int | None = None  # None: per-tensor
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        return level_range(self.bits, self.signed)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.tensor(self.scale, dtype=torch.float32),
+            torch.tensor(self.zero_point, dtype=torch.int32),
+        )
+
+    @classmethod
+    def from_tensors(
+        cls, bits: int, signed: bool, scale: torch.Tensor, zp: torch.Tensor, axis: int | None
+    ) -> QuantPoint:
+        return cls(
+            bits=bits,
+            signed=signed,
+            scale=[float(s) for s in scale.flatten()],
+            zero_point=[int(z) for z in zp.flatten()],
+            axis=axis,
+        )
+
+
+@dataclass
+class QParams:
+    model: str
+    target: str
+    bits: str
+    modules: dict[str, dict[str, QuantPoint]] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    version: int = SCHEMA_VERSION
+
+    def get(self, module: str, role: str) -> QuantPoint:
+        try:
+            return self.modules[module][role]
+        except KeyError:
+            raise UserError(
+                f"qparams.json has no entry for {module}:{role}; it was made for another "
+                "model or bits spec"
+            ) from None
+
+    def set(self, module: str, role: str, point: QuantPoint) -> None:
+        self.modules.setdefault(module, {})[role] = point
+
+    def points(self) -> list[tuple[str, str, QuantPoint]]:
+        return [(m, r, p) for m, roles in self.modules.items() for r, p in roles.items()]
+
+    # -- JSON round-trip -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modules"] = {
+            m: {r: asdict(p) for r, p in roles.items()} for m, roles in self.modules.items()
+        }
+        return {"version": d.pop("version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QParams:
+        if d.get("version") != SCHEMA_VERSION:
+            raise UserError(
+                f"qparams.json has schema version {d.get('version')!r}; this clamp-export reads "
+                f"version {SCHEMA_VERSION}"
+            )
+        try:
+            modules = {
+                m: {r: QuantPoint(**p) for r, p in roles.items()}
+                for m, roles in d["modules"].items()
+            }
+            return cls(
+                model=d["model"],
+                target=d["target"],
+                bits=d["bits"],
+                modules=modules,
+                metadata=d.get("metadata", {}),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"malformed qparams.json: {type(e).__name__}: {e}") from None
+
+    def save(self, path: Path | str) -> None:
+        atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path | str) -> QParams:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise UserError(f"qparams file {path} not found") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+
+    # -- validation ------------------------------------------------------------------------
+    def violations(self, profile: TargetProfile) -> list[str]:
+        """Every way these parameters break ``profile``, one readable line each."""
+        out: list[str] = []
+        for module, role, p in self.points():
+            where = f"{module}:{role}"
+            is_weight = role == WEIGHT_ROLE
+            if p.bits not in profile.allowed_bits:
+                out.append(f"{where}: {p.bits} bits not allowed on {profile.name}")
+                continue
+            signed = profile.weight_signed if is_weight else profile.act_signed
+            symmetric = profile.weight_symmetric if is_weight else profile.act_symmetric
+            if p.signed != signed:
+                kind = "int" if signed else "uint"
+                out.append(f"{where}: {profile.name} needs {kind}{p.bits} levels")
+            if len(p.scale) != len(p.zero_point) or not p.scale:
+                out.append(f"{where}: {len(p.scale)} scales but {len(p.zero_point)} zero-points")
+                continue
+            if not all(math.isfinite(s) and s > 0 for s in p.scale):
+                out.append(f"{where}: scales must be finite and positive")
+            qmin, qmax = level_range(p.bits, p.signed)
+            if symmetric and any(z != 0 for z in p.zero_point):
+                bad = next(z for z in p.zero_point if z != 0)
+                out.append(
+                    f"{where}: zero-point {bad} but {profile.name} takes only symmetric "
+                    "quantization (zero-point 0)"
+                )
+            elif any(not qmin <= z <= qmax for z in p.zero_point):
+                out.append(f"{where}: zero-point outside [{qmin}, {qmax}]")
+            if is_weight and profile.weight_axis_per_channel and p.axis != 0:
+                out.append(f"{where}: weights must be per-output-channel (axis 0)")
+            if not is_weight and (p.axis is not None or len(p.scale) != 1):
+                out.append(f"{where}: activations must be per-tensor (one scale)")
+        return out
+
+    def validate(self, profile: TargetProfile) -> None:
+        bad = self.violations(profile)
+        if bad:
+            more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UserError(f"qparams violate target {profile.name!r}: {bad[0]}{more}")

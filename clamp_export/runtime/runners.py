@@ -1,0 +1,72 @@
+"""One runner interface over every backend: ``runner(images) -> logits`` (float32, torch).
+
+Images are normalized float32 [N, C, H, W]; each runner feeds them in batches in its own dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from clamp_export.errors import UserError
+
+
+class Runner(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchRunner:
+    def __init__(self, model: nn.Module, name: str, batch_size: int = 256) -> None:
+        self.model, self.name, self.batch_size = model.eval(), name, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outs = [self.model(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return torch.cat(outs).float()
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OrtRunner:
+    """An ONNX Runtime session; ``threads`` caps intra-op threads (benchmarks pin it)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        name: str = "ort",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:
+            raise UserError(f"ONNX Runtime cannot load {path}: {e}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.dtype = _ORT_TYPES.get(inp.type, np.float32)
+        self.name, self.batch_size = name, batch_size
+
+    def run_batch(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.numpy().astype(self.dtype)
+        outs = [self.run_batch(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return torch.from_numpy(np.concatenate(outs)).float()
