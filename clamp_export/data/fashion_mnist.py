@@ -6,6 +6,7 @@ Read with numpy alone so the loader works wherever the files are, gzipped or not
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from clamp_export.errors import UserError
 
-DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(os.environ.get("CLAMP_EXPORT_FMNIST_ROOT", "/usr/share/datasets/fashion-mnist"))
 INSTALL_HINT = "install it with: apt-get update && apt-get install -y dataset-fashion-mnist"
 CLASSES = (
     "T-shirt/top",

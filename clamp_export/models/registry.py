@@ -137,10 +137,12 @@ def preprocess_for(spec: ModelSpec, model: torch.nn.Module) -> Preprocess:
     if spec.preprocess is not None:
         return spec.preprocess
     cfg = timm.data.resolve_data_config({}, model=model)
-    in_chans = cfg["input_size"][0]
+    # The model itself, not its pretrained cfg, knows the size it was built for (--img-size).
+    in_chans = model.patch_embed.proj.in_channels
+    h, w = model.patch_embed.img_size
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if len(mean) != in_chans:  # e.g. --in-chans 1 on an RGB architecture
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
     return Preprocess(
-        mean=mean, std=std, input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"]
+        mean=mean, std=std, input_size=(in_chans, h, w), interpolation=cfg["interpolation"]
     )

@@ -14,7 +14,8 @@ _PATTERN = re.compile(r"^w([2-8])a([2-8])$")
 class BitsSpec:
     """Weights of qkv/proj/fc1/fc2 at ``weight``; every activation point at ``act``.
 
-    The patch embedding and the head keep ``edge`` bits (DESIGN §2: both stay at 8 by default).
+    The patch embedding and the head keep ``edge`` bits on input and weight (DESIGN §2: both
+    stay at 8 by default).
     """
 
     weight: int

@@ -222,13 +222,16 @@ class QuantAttention(nn.Module):
 
 
 def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.Module:
-    """A fake-quant copy of a timm VisionTransformer; the original is left untouched."""
+    """A fake-quant copy of a timm VisionTransformer; the original is left untouched.
+
+    The patch embedding and the head(s) keep ``bits.edge`` bits on input and weight (DESIGN §2).
+    """
     from timm.models.vision_transformer import Attention
 
     qmodel = copy.deepcopy(model).eval()
 
-    def act(fixed: bool = False) -> Quantizer:
-        q = Quantizer(bits.act, profile.act_signed, profile.act_symmetric)
+    def act(fixed: bool = False, nbits: int = bits.act) -> Quantizer:
+        q = Quantizer(nbits, profile.act_signed, profile.act_symmetric)
         q.fixed_range = (0.0, 1.0) if fixed else None
         return q
 
@@ -237,13 +240,13 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
         q.fixed_range = None
         return q
 
-    def linear(layer: nn.Linear, nbits: int) -> QuantLinear:
-        return QuantLinear(layer, act(), weight(nbits))
+    def linear(layer: nn.Linear, nbits: int, in_bits: int = bits.act) -> QuantLinear:
+        return QuantLinear(layer, act(nbits=in_bits), weight(nbits))
 
     pe = qmodel.patch_embed.proj
     if not isinstance(pe, nn.Conv2d):
         raise UserError(f"patch embedding {type(pe).__name__} is not a Conv2d")
-    qmodel.patch_embed.proj = QuantConv2d(pe, act(), weight(bits.edge))
+    qmodel.patch_embed.proj = QuantConv2d(pe, act(nbits=bits.edge), weight(bits.edge))
     for i, blk in enumerate(qmodel.blocks):
         if not isinstance(blk.attn, Attention):
             raise UserError(
@@ -257,7 +260,7 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
     for head in ("head", "head_dist"):
         layer = getattr(qmodel, head, None)
         if isinstance(layer, nn.Linear):
-            setattr(qmodel, head, linear(layer, bits.edge))
+            setattr(qmodel, head, linear(layer, bits.edge, in_bits=bits.edge))
     return qmodel
 
 
