@@ -45,8 +45,16 @@ def cli() -> None:
 
 @cli.command(DEFAULT_COMMAND)
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False), help=".safetensors, .pth/.pt or timm checkpoint.")
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Passed to timm.create_model.")
+@click.option(
+    "--weights", type=click.Path(dir_okay=False), help=".safetensors, .pth/.pt or timm checkpoint."
+)
+@click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Passed to timm.create_model.",
+)
 @click.option("--num-classes", type=int)
 @click.option("--img-size", type=int)
 @click.option("--in-chans", type=int)
@@ -54,12 +62,30 @@ def cli() -> None:
 @click.option("--std", help="Comma-separated per-channel std.")
 @click.option("--bits", default="w8a8", show_default=True, help="wXaY, X and Y in 2..8.")
 @click.option("--target", default="ort", show_default=True, help="ort or trt.")
-@click.option("--calib", default="noise", show_default=True, help="noise or real.")
-@click.option("--calib-data", default="fmnist-train", show_default=True, help="For --calib real: fmnist-train or PATH.")
+@click.option(
+    "--calib", default="noise", show_default=True, help="noise, real, clamp-synth or psaq."
+)
+@click.option(
+    "--calib-data",
+    default="fmnist-train",
+    show_default=True,
+    help="For --calib real: fmnist-train or PATH.",
+)
 @click.option("--calib-size", default=32, show_default=True, type=int)
-@click.option("--range", "range_method", default="minmax", show_default=True, help="minmax or percentile.")
+@click.option(
+    "--synth-preset", default="default", show_default=True, help="Stage 1 preset: default or fast."
+)
+@click.option("--cache-dir", default="calib", show_default=True, help="Calibration artifact store.")
+@click.option(
+    "--range", "range_method", default="minmax", show_default=True, help="minmax or percentile."
+)
 @click.option("--percentile", default=99.99, show_default=True, type=float)
-@click.option("--qparams", "qparams_file", type=click.Path(dir_okay=False), help="Use this qparams.json instead of calibrating.")
+@click.option(
+    "--qparams",
+    "qparams_file",
+    type=click.Path(dir_okay=False),
+    help="Use this qparams.json instead of calibrating.",
+)
 @click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
@@ -84,6 +110,8 @@ def quantize(**kw) -> None:
         calib=kw["calib"],
         calib_data=kw["calib_data"],
         calib_size=kw["calib_size"],
+        synth_preset=kw["synth_preset"],
+        cache_dir=kw["cache_dir"],
         range_method=kw["range_method"],
         percentile=kw["percentile"],
         qparams=kw["qparams_file"],
@@ -95,6 +123,65 @@ def quantize(**kw) -> None:
     )
     report = run(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(summary_table(report))
+
+
+@cli.command("synth")
+@click.argument("model")
+@click.option("--weights", type=click.Path(dir_okay=False))
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
+@click.option("--num-classes", type=int)
+@click.option("--img-size", type=int)
+@click.option("--in-chans", type=int)
+@click.option("--method", default="clamp", show_default=True, help="clamp, psaq or noise.")
+@click.option("--n", default=32, show_default=True, type=int, help="Number of images.")
+@click.option(
+    "--preset", "preset_name", default="default", show_default=True, help="default or fast."
+)
+@click.option("--steps", type=int, help="Override the preset's optimization steps.")
+@click.option("--lr", type=float)
+@click.option("--tau", type=float, help="InfoNCE temperature.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--cache-dir", default="calib", show_default=True)
+@click.option("--no-cache", is_flag=True)
+def synth_cmd(**kw) -> None:
+    """Stage 1: synthetic calibration images (images.safetensors, grid.png, synth.json)."""
+    from pathlib import Path
+
+    from clamp_export.atomic import ensure_writable_dir
+    from clamp_export.models import load_model, parse_model_args
+    from clamp_export.synth import meta_of, preset, synthesize
+    from clamp_export.synth.store import copy_set, write_files
+
+    cfg = preset(
+        kw["preset_name"],
+        method=kw["method"],
+        n=kw["n"],
+        steps=kw["steps"],
+        lr=kw["lr"],
+        tau=kw["tau"],
+        seed=kw["seed"],
+    )
+    out = ensure_writable_dir(kw["out"])
+    loaded = load_model(
+        kw["model"],
+        kw["weights"],
+        num_classes=kw["num_classes"],
+        img_size=kw["img_size"],
+        in_chans=kw["in_chans"],
+        model_args=parse_model_args(kw["model_args"]),
+    )
+    cache = None if kw["no_cache"] else Path(kw["cache_dir"])
+    result, folder = synthesize(loaded, cfg, cache, log=lambda m: click.echo(m, err=True))
+    if folder is not None:
+        copy_set(folder, out)
+    else:
+        write_files(result, loaded.preprocess, out, meta_of(loaded))
+    click.echo(
+        f"{len(result.images)} {cfg.method} images for {loaded.name} in {out}: misprediction rate "
+        f"{100 * result.misprediction_rate:.1f}%, {result.seconds:.1f}s"
+        f"{' (reused from cache)' if result.cached else ''}"
+    )
 
 
 @cli.command("lint")

@@ -24,8 +24,10 @@ from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
+from clamp_export.synth import preset, synthesize
 
-CALIB_SOURCES = ("noise", "real")
+CALIB_SOURCES = ("noise", "real", "clamp-synth", "psaq")
+SYNTH_METHOD = {"noise": "noise", "clamp-synth": "clamp", "psaq": "psaq"}
 PARITY_NOISE_IMAGES = 64
 
 
@@ -44,6 +46,8 @@ class RunConfig:
     calib: str = "noise"
     calib_data: str = "fmnist-train"
     calib_size: int = 32
+    synth_preset: str = "default"
+    cache_dir: str | None = "calib"
     range_method: str = "minmax"
     percentile: float = 99.99
     qparams: str | None = None  # reuse a qparams.json instead of calibrating
@@ -77,7 +81,9 @@ def _check(cfg: RunConfig) -> None:
     if cfg.calib not in CALIB_SOURCES:
         raise UserError(f"unknown --calib {cfg.calib!r}; choose one of: {', '.join(CALIB_SOURCES)}")
     if cfg.range_method not in RANGE_METHODS:
-        raise UserError(f"unknown --range {cfg.range_method!r}; choose one of: {', '.join(RANGE_METHODS)}")
+        raise UserError(
+            f"unknown --range {cfg.range_method!r}; choose one of: {', '.join(RANGE_METHODS)}"
+        )
     if cfg.calib_size < 1:
         raise UserError("--calib-size must be at least 1")
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
@@ -112,11 +118,26 @@ def run(cfg: RunConfig, log=print) -> dict:
         load_qparams(qmodel, qp)
         log(f"using {cfg.qparams}")
     else:
-        if cfg.calib == "noise":
-            calib_x = noise_images(cfg.calib_size, pre, cfg.seed)
+        synth_record = None
+        if cfg.calib == "real":
+            calib_x, _ = load_images(
+                cfg.calib_data, pre, limit=cfg.calib_size, seed=cfg.seed, shuffle=True
+            )
         else:
-            calib_x, _ = load_images(cfg.calib_data, pre, limit=cfg.calib_size, seed=cfg.seed, shuffle=True)
-        log(f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images")
+            synth_cfg = preset(
+                cfg.synth_preset, method=SYNTH_METHOD[cfg.calib], n=cfg.calib_size, seed=cfg.seed
+            )
+            synth, _ = synthesize(loaded, synth_cfg, cfg.cache_dir and Path(cfg.cache_dir), log=log)
+            calib_x = synth.images
+            synth_record = {
+                "config": synth.config.to_dict(),
+                "misprediction_rate": synth.misprediction_rate,
+                "seconds": round(synth.seconds, 2),
+                "cached": synth.cached,
+            }
+        log(
+            f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images"
+        )
         calibrate(qmodel, calib_x, cfg.range_method, cfg.percentile)
         qp = collect_qparams(
             qmodel,
@@ -129,6 +150,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "weights_sha256": loaded.weights_sha256,
                 "calibration": {
                     "source": cfg.calib,
+                    "synth": synth_record,
                     "data": cfg.calib_data if cfg.calib == "real" else None,
                     "size": cfg.calib_size,
                     "range": cfg.range_method,
@@ -148,13 +170,17 @@ def run(cfg: RunConfig, log=print) -> dict:
     proto = export_qdq(qmodel, pre.input_size, profile, onnx_path)
     violations = lint(proto, profile)
     if violations:
-        raise UserError(f"exported graph breaks {profile.name} rules: {violations[0]} (+{len(violations) - 1} more)")
+        raise UserError(
+            f"exported graph breaks {profile.name} rules: {violations[0]} (+{len(violations) - 1} more)"
+        )
 
     engine: dict | None = None
     if profile.name == "trt" and cfg.build_engine:
         if trt_build.available():
             log("building a TensorRT engine ahead of time")
-            res = trt_build.build_engine(onnx_path, out / "model.engine", input_shape=pre.input_size)
+            res = trt_build.build_engine(
+                onnx_path, out / "model.engine", input_shape=pre.input_size
+            )
             engine = asdict(res)
         else:
             engine = {"skipped": f"TensorRT not installed; {trt_build.INSTALL_HINT}"}
@@ -170,7 +196,10 @@ def run(cfg: RunConfig, log=print) -> dict:
         "target": profile.name,
         "parity_inputs": {"source": cfg.eval_data or "noise", "count": len(x)},
         "accuracy": None,
-        "agreement": {"ort": top1_agreement(ort_logits, fq), "fakequant_vs_fp32": top1_agreement(fq, fp32)},
+        "agreement": {
+            "ort": top1_agreement(ort_logits, fq),
+            "fakequant_vs_fp32": top1_agreement(fq, fp32),
+        },
         "logit_error": {"ort": logit_error(ort_logits, fq).to_dict()},
         "artifacts": {
             "qparams": str(out / "qparams.json") if not cfg.qparams else cfg.qparams,
@@ -217,7 +246,16 @@ def summary_table(report: dict) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    rows.append(("torch fp32", pct(acc.get("fp32")), pct(report["agreement"]["fakequant_vs_fp32"]), "", "", ""))
+    rows.append(
+        (
+            "torch fp32",
+            pct(acc.get("fp32")),
+            pct(report["agreement"]["fakequant_vs_fp32"]),
+            "",
+            "",
+            "",
+        )
+    )
     rows.append(("torch fake-quant", pct(acc.get("fakequant")), "ref", "", "", ""))
     rows.append(
         (

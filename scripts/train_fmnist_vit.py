@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=registry.REFERENCE_DIR)
+    ap.add_argument("--init", type=Path, help="continue from these weights (a second cosine cycle)")
+    ap.add_argument("--warmup-epochs", type=float, default=0.5)
     ap.add_argument("--bench", action="store_true", help="time 20 steps and exit")
     args = ap.parse_args()
 
@@ -63,6 +65,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     spec = registry.ALIASES["fmnist_vit"]
     model = registry.create(spec, pretrained=False)
+    if args.init:
+        from clamp_export.models.weights import load_weights
+
+        load_weights(model, args.init)
     set_fused_attn(True)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
@@ -79,7 +85,7 @@ def main() -> None:
 
     steps_per_epoch = len(xtr) // args.batch
     total = steps_per_epoch * args.epochs
-    warmup = steps_per_epoch // 2
+    warmup = max(1, int(steps_per_epoch * args.warmup_epochs))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "token" in name or "pos_embed" in name else decay).append(p)
@@ -89,9 +95,11 @@ def main() -> None:
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warmup
-        if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M, steps: {total}")
     t0 = time.time()
@@ -121,7 +129,8 @@ def main() -> None:
     save_file(state, str(args.out / "fmnist_vit.safetensors"))
     record = {
         "command": "python scripts/train_fmnist_vit.py "
-        + f"--epochs {args.epochs} --batch {args.batch} --lr {args.lr} --seed {args.seed}",
+        + f"--epochs {args.epochs} --batch {args.batch} --lr {args.lr} --seed {args.seed}"
+        + (f" --init {args.init} --warmup-epochs {args.warmup_epochs}" if args.init else ""),
         "timm_name": spec.timm_name,
         "kwargs": spec.kwargs,
         "seed": args.seed,

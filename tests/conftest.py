@@ -42,7 +42,8 @@ def tiny_weights(tmp_path):
 
 
 requires_trt = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None,
+    importlib.util.find_spec("tensorrt") is None
+    and importlib.util.find_spec("tensorrt_rtx") is None,
     reason="neither tensorrt nor tensorrt_rtx is installed",
 )
 requires_fmnist = pytest.mark.skipif(

@@ -31,7 +31,9 @@ def load_tensorrt(prefer: str | None = None) -> ModuleType:
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise UserError(f"TensorRT is not installed ({' or '.join(names)} not importable); {INSTALL_HINT}")
+    raise UserError(
+        f"TensorRT is not installed ({' or '.join(names)} not importable); {INSTALL_HINT}"
+    )
 
 
 def available() -> str | None:
@@ -83,7 +85,9 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise UserError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else '?'}")
+        raise UserError(
+            f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else '?'}"
+        )
     config = builder.create_builder_config()
     if not strongly_typed:
         for name in ("INT8", "FP16"):

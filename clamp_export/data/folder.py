@@ -13,7 +13,10 @@ _EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def load_image_folder(
-    root: Path | str, input_size: tuple[int, int, int], interpolation: str = "bicubic", limit: int | None = None
+    root: Path | str,
+    input_size: tuple[int, int, int],
+    interpolation: str = "bicubic",
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images in [0, 1] [N, C, H, W], labels [N]); classes are the sorted subfolder names."""
     from PIL import Image
@@ -33,7 +36,9 @@ def load_image_folder(
     if limit is not None:
         files = files[:limit]
     c, h, w = input_size
-    resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(interpolation, Image.BICUBIC)
+    resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
+        interpolation, Image.BICUBIC
+    )
     mode = "L" if c == 1 else "RGB"
     images = np.empty((len(files), h, w, c), dtype=np.uint8)
     for i, (f, _) in enumerate(files):

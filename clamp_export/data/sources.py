@@ -49,7 +49,9 @@ def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(d, torch.Tensor):
         return d.float(), None
     if not isinstance(d, dict) or "images" not in d:
-        raise UserError(f"{path} must hold a tensor or a dict with 'images' (and optional 'labels')")
+        raise UserError(
+            f"{path} must hold a tensor or a dict with 'images' (and optional 'labels')"
+        )
     return d["images"].float(), d.get("labels")
 
 
@@ -57,7 +59,9 @@ def load_images(
     source: str, pre: Preprocess, limit: int | None = None, seed: int = 0, shuffle: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(normalized images, labels or None). ``shuffle`` draws a seeded random subset of ``limit``."""
-    if source in FMNIST_NAMES or (Path(source).is_dir() and any(Path(source).glob("*-idx3-ubyte*"))):
+    if source in FMNIST_NAMES or (
+        Path(source).is_dir() and any(Path(source).glob("*-idx3-ubyte*"))
+    ):
         split = FMNIST_NAMES.get(source, "test")
         root = None if source in FMNIST_NAMES else source
         imgs, labels = load_fashion_mnist(split, root)
@@ -75,7 +79,9 @@ def load_images(
         else:
             images, labels_t = _load_tensor_file(path)
     if images.dim() != 4:
-        raise UserError(f"images from {source} have shape {tuple(images.shape)}; expected [N, C, H, W]")
+        raise UserError(
+            f"images from {source} have shape {tuple(images.shape)}; expected [N, C, H, W]"
+        )
     if limit is not None and limit < len(images):
         idx = (
             torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]

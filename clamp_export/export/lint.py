@@ -16,7 +16,14 @@ from onnx import numpy_helper
 from clamp_export.errors import UserError
 from clamp_export.quant.targets import TargetProfile
 
-_INTEGER_OPS = {"QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul"}
+_INTEGER_OPS = {
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearAdd",
+    "QLinearMul",
+}
 _FLOAT_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 _INT8_TYPES = {onnx.TensorProto.INT8}
 _INT4_TYPES = {onnx.TensorProto.INT4}
@@ -101,8 +108,12 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
         zp = consts.get(zp_name) if zp_name else None
         is_weight_dq = n.op_type == "DequantizeLinear" and n.input[0] in consts
         if symmetric_only and zp is not None and np.any(zp != 0):
-            bad(n, "zero-point-0", f"zero-point {int(np.ravel(zp)[np.nonzero(np.ravel(zp))[0][0]])} "
-                f"but {profile.name} takes only symmetric quantization")
+            bad(
+                n,
+                "zero-point-0",
+                f"zero-point {int(np.ravel(zp)[np.nonzero(np.ravel(zp))[0][0]])} "
+                f"but {profile.name} takes only symmetric quantization",
+            )
         qtype = _elem_type(graph, zp_name) if zp_name else None
         if is_weight_dq:
             qtype = _elem_type(graph, n.input[0])
@@ -124,15 +135,27 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
             if want is None:
                 continue
             if scale.size > 1 and axis != want:
-                bad(n, "weight-axis", f"per-channel axis {axis}, but {c.op_type} {c.name} needs axis {want}")
+                bad(
+                    n,
+                    "weight-axis",
+                    f"per-channel axis {axis}, but {c.op_type} {c.name} needs axis {want}",
+                )
             elif scale.size not in (1, weight.shape[want]):
-                bad(n, "weight-axis", f"{scale.size} scales for {weight.shape[want]} output channels")
+                bad(
+                    n,
+                    "weight-axis",
+                    f"{scale.size} scales for {weight.shape[want]} output channels",
+                )
     want_float = _FLOAT_TYPES[profile.float_dtype]
     for v in list(graph.input) + list(graph.output):
         et = v.type.tensor_type.elem_type
         if et in _FLOAT_TYPES.values() and et != want_float:
-            bad(v.name, "float-type", f"{onnx.TensorProto.DataType.Name(et)} graph I/O; "
-                f"{profile.name} needs {profile.float_dtype}")
+            bad(
+                v.name,
+                "float-type",
+                f"{onnx.TensorProto.DataType.Name(et)} graph I/O; "
+                f"{profile.name} needs {profile.float_dtype}",
+            )
     return out
 
 

@@ -31,7 +31,9 @@ def parse_model_args(items: tuple[str, ...] | list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"malformed --model-arg {item!r}: expected KEY=VALUE, e.g. drop_rate=0.1")
+            raise UserError(
+                f"malformed --model-arg {item!r}: expected KEY=VALUE, e.g. drop_rate=0.1"
+            )
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -61,7 +63,11 @@ def load_model(
 ) -> LoadedModel:
     spec = registry.resolve(name)
     kwargs = dict(model_args or {})
-    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+    for key, value in (
+        ("num_classes", num_classes),
+        ("img_size", img_size),
+        ("in_chans", in_chans),
+    ):
         if value is not None:
             kwargs[key] = value
     bundled = registry.REFERENCE_DIR / spec.bundled_weights if spec.bundled_weights else None

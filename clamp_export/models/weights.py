@@ -24,7 +24,9 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files raise a zoo of types from both loaders
-        raise UserError(f"cannot read weights file {path}: it is corrupt or not a weights file ({e})") from None
+        raise UserError(
+            f"cannot read weights file {path}: it is corrupt or not a weights file ({e})"
+        ) from None
     if isinstance(state, dict):
         for key in _NESTED_KEYS:
             if key in state and isinstance(state[key], dict):
@@ -50,7 +52,11 @@ def load_weights(model: nn.Module, path: Path | str, user_num_classes: int | Non
     state = _fit_to_model(read_state_dict(path), model)
     head = state.get("head.weight")
     model_head = getattr(model, "head", None)
-    if head is not None and isinstance(model_head, nn.Linear) and head.shape[0] != model_head.out_features:
+    if (
+        head is not None
+        and isinstance(model_head, nn.Linear)
+        and head.shape[0] != model_head.out_features
+    ):
         fix = (
             f"drop --num-classes or pass --num-classes {head.shape[0]}"
             if user_num_classes is not None

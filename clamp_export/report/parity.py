@@ -23,7 +23,9 @@ class LogitError:
         return asdict(self)
 
 
-def logit_error(out: torch.Tensor, ref: torch.Tensor, atol: float = 1e-2, rtol: float = 1e-2) -> LogitError:
+def logit_error(
+    out: torch.Tensor, ref: torch.Tensor, atol: float = 1e-2, rtol: float = 1e-2
+) -> LogitError:
     diff = (out - ref).abs()
     cos = torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=1).mean()
     return LogitError(

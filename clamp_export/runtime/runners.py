@@ -28,7 +28,10 @@ class TorchRunner:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        outs = [self.model(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        outs = [
+            self.model(images[i : i + self.batch_size])
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(outs).float()
 
 
@@ -68,5 +71,7 @@ class OrtRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.numpy().astype(self.dtype)
-        outs = [self.run_batch(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        outs = [
+            self.run_batch(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)
+        ]
         return torch.from_numpy(np.concatenate(outs)).float()

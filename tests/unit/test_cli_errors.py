@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from tests.conftest import make_tiny
@@ -43,16 +42,24 @@ def test_unknown_model_suggests(tmp_path):
 
 def test_malformed_bits(tiny_weights, tmp_path):
     _, args = tiny_weights
-    assert_clean_error(run_cli(*args, "--bits", "w4", "--out", str(tmp_path / "o")), "malformed --bits 'w4'")
+    assert_clean_error(
+        run_cli(*args, "--bits", "w4", "--out", str(tmp_path / "o")), "malformed --bits 'w4'"
+    )
 
 
 def test_unknown_target(tiny_weights, tmp_path):
     _, args = tiny_weights
-    assert_clean_error(run_cli(*args, "--target", "tpu", "--out", str(tmp_path / "o")), "unknown --target 'tpu'", "trt, ort")
+    assert_clean_error(
+        run_cli(*args, "--target", "tpu", "--out", str(tmp_path / "o")),
+        "unknown --target 'tpu'",
+        "trt, ort",
+    )
 
 
 def test_missing_weights(tmp_path):
-    proc = run_cli("fmnist_vit", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"))
+    proc = run_cli(
+        "fmnist_vit", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")
+    )
     assert_clean_error(proc, "nope.safetensors not found")
     assert_nothing_written(tmp_path / "o")
 
@@ -76,21 +83,38 @@ def test_mismatched_weights(tmp_path):
 def test_num_classes_contradicts_weights(tiny_weights, tmp_path):
     _, args = tiny_weights
     args = [a if a != "5" else "9" for a in args]  # --num-classes 9 against 5-class weights
-    assert_clean_error(run_cli(*args, "--out", str(tmp_path / "o")), "have 5 classes but the model has 9")
+    assert_clean_error(
+        run_cli(*args, "--out", str(tmp_path / "o")), "have 5 classes but the model has 9"
+    )
 
 
 def test_missing_eval_data_says_how_to_install(tiny_weights, tmp_path):
     _, args = tiny_weights
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli(*args, "--eval-data", "fmnist", "--out", str(tmp_path / "o"), env={"CLAMP_EXPORT_FMNIST_ROOT": str(empty)})
+    proc = run_cli(
+        *args,
+        "--eval-data",
+        "fmnist",
+        "--out",
+        str(tmp_path / "o"),
+        env={"CLAMP_EXPORT_FMNIST_ROOT": str(empty)},
+    )
     assert_clean_error(proc, "apt-get install -y dataset-fashion-mnist")
     assert_nothing_written(tmp_path / "o")
 
 
 def test_missing_calibration_data(tiny_weights, tmp_path):
     _, args = tiny_weights
-    proc = run_cli(*args, "--calib", "real", "--calib-data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    proc = run_cli(
+        *args,
+        "--calib",
+        "real",
+        "--calib-data",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert_clean_error(proc, "nowhere", "not found")
 
 

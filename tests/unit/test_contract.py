@@ -2,19 +2,21 @@ import json
 
 import pytest
 
+from clamp_export.data.sources import noise_images
 from clamp_export.errors import UserError
+from clamp_export.models.preprocess import Preprocess
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import collect_qparams, load_qparams, wrap_model
 from clamp_export.quant.qparams import QParams, QuantPoint
 from clamp_export.quant.targets import get_profile
-from clamp_export.data.sources import noise_images
-from clamp_export.models.preprocess import Preprocess
 
 PRE = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 16, 16))
 
 
-@pytest.mark.parametrize("text,w,a", [("w8a8", 8, 8), ("W4A8", 4, 8), ("w3a4", 3, 4), ("w2a2", 2, 2)])
+@pytest.mark.parametrize(
+    "text,w,a", [("w8a8", 8, 8), ("W4A8", 4, 8), ("w3a4", 3, 4), ("w2a2", 2, 2)]
+)
 def test_bits_parse(text, w, a):
     b = BitsSpec.parse(text)
     assert (b.weight, b.act, b.edge) == (w, a, 8)
@@ -75,7 +77,10 @@ def test_validation_rejects_ort_params_on_trt_and_per_tensor_weights(tiny_vit):
     bad = qp.violations(get_profile("trt"))
     assert any("needs int8 levels" in v for v in bad)
     qp.set("head", "weight", QuantPoint(8, True, [0.1], [0], axis=None))
-    assert any("head:weight: weights must be per-output-channel" in v for v in qp.violations(get_profile("ort")))
+    assert any(
+        "head:weight: weights must be per-output-channel" in v
+        for v in qp.violations(get_profile("ort"))
+    )
 
 
 def test_unknown_schema_version(tmp_path):

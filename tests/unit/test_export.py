@@ -1,6 +1,5 @@
 import collections
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -22,7 +21,9 @@ PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
 
 def _export(model, target, bits, tmp_path, calib_seed=0):
     profile = get_profile(target)
-    qm = calibrate(wrap_model(model, BitsSpec.parse(bits), profile), noise_images(16, PRE, calib_seed))
+    qm = calibrate(
+        wrap_model(model, BitsSpec.parse(bits), profile), noise_images(16, PRE, calib_seed)
+    )
     path = tmp_path / f"{target}_{bits}.onnx"
     proto = export_qdq(qm, PRE.input_size, profile, path)
     return qm, proto, path
@@ -71,7 +72,12 @@ def test_sub8_bit_activations_are_clipped_to_their_levels(tiny_vit, tmp_path):
     # container); patch-embed and head inputs stay at 8 bits (DESIGN §2) and need none
     assert len(clips) == 8 * 2
     lo_hi = [
-        [numpy_helper.to_array(a.t) for c in proto.graph.node if c.output[0] == name for a in c.attribute]
+        [
+            numpy_helper.to_array(a.t)
+            for c in proto.graph.node
+            if c.output[0] == name
+            for a in c.attribute
+        ]
         for name in clips[0].input[1:]
     ]
     assert all(len(v) == 1 for v in lo_hi)

@@ -36,11 +36,20 @@ def test_clean_graph_passes(trt_graph):
 def test_planted_nonzero_zero_point_is_caught(trt_graph):
     q = next(n for n in trt_graph.graph.node if n.op_type == "QuantizeLinear" and "fc1" in n.name)
     const = _const_value(trt_graph.graph, q.input[2])
-    const.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(5, dtype=np.int8), const.output[0]))
+    const.attribute[0].t.CopyFrom(
+        numpy_helper.from_array(np.array(5, dtype=np.int8), const.output[0])
+    )
     found = lint(trt_graph, TRT)
     # the Q and its DQ share the constant: both are reported, nothing else is
-    dq = next(n for n in trt_graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
-    assert {(v.node, v.rule) for v in found} == {(q.name, "zero-point-0"), (dq.name, "zero-point-0")}
+    dq = next(
+        n
+        for n in trt_graph.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]
+    )
+    assert {(v.node, v.rule) for v in found} == {
+        (q.name, "zero-point-0"),
+        (dq.name, "zero-point-0"),
+    }
     assert all("zero-point 5" in v.message for v in found)
 
 
@@ -48,14 +57,17 @@ def test_wrong_weight_axis_and_float_type_are_caught(trt_graph):
     dq = next(
         n
         for n in trt_graph.graph.node
-        if n.op_type == "DequantizeLinear" and any(i.name == n.input[0] for i in trt_graph.graph.initializer)
+        if n.op_type == "DequantizeLinear"
+        and any(i.name == n.input[0] for i in trt_graph.graph.initializer)
         and "qkv" in n.name
     )
     for a in dq.attribute:
         if a.name == "axis":
             a.i = 0
     found = lint(trt_graph, TRT)
-    assert any(v.rule == "weight-axis" and v.node == dq.name and "needs axis 1" in v.message for v in found)
+    assert any(
+        v.rule == "weight-axis" and v.node == dq.name and "needs axis 1" in v.message for v in found
+    )
     assert any(v.rule == "float-type" for v in lint(trt_graph, get_profile("ort")))
 
 
@@ -70,8 +82,15 @@ def test_integer_ops_uint8_and_decomposed_layernorm_are_caught():
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 4])],
-        [helper.make_tensor("s", TensorProto.FLOAT16, [], [0.1]), helper.make_tensor("z", TensorProto.UINT8, [], [0])],
+        [
+            helper.make_tensor("s", TensorProto.FLOAT16, [], [0.1]),
+            helper.make_tensor("z", TensorProto.UINT8, [], [0]),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     rules = {(v.node, v.rule) for v in lint(model, TRT)}
-    assert rules == {("ln_mean", "single-layernorm"), ("q_u8", "int8-only"), ("mmi", "no-integer-ops")}
+    assert rules == {
+        ("ln_mean", "single-layernorm"),
+        ("q_u8", "int8-only"),
+        ("mmi", "no-integer-ops"),
+    }

@@ -1,5 +1,4 @@
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -54,7 +53,9 @@ def test_matches_onnx_quantizelinear_per_tensor_with_ties_and_saturation():
     scale = np.array(0.05, dtype=np.float32)
     # exact ties (k + 0.5) * scale, plus values far out of range
     ties = ((np.arange(-20, 20) + 0.5) * 0.05).astype(np.float32)
-    x = np.concatenate([rng.normal(0, 3, 500).astype(np.float32), ties, [100.0, -100.0]]).astype(np.float32)
+    x = np.concatenate([rng.normal(0, 3, 500).astype(np.float32), ties, [100.0, -100.0]]).astype(
+        np.float32
+    )
     for zp, qmin, qmax in [(np.int8(0), -128, 127), (np.uint8(37), 0, 255)]:
         ref = _onnx_quantize(x, scale, np.array(zp))
         ours = quantize(torch.from_numpy(x), torch.tensor(scale), torch.tensor(int(zp)), qmin, qmax)

@@ -11,7 +11,9 @@ ARGS = {k: v for k, v in TINY.items() if k not in ("num_classes", "img_size")}
 
 
 def _load(path, **kw):
-    return load_model("vit_tiny_patch16_224", path, num_classes=5, img_size=16, model_args=ARGS, **kw)
+    return load_model(
+        "vit_tiny_patch16_224", path, num_classes=5, img_size=16, model_args=ARGS, **kw
+    )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth", "checkpoint-model", "checkpoint-state_dict"])
@@ -44,14 +46,20 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     state["extra.weight"] = state.pop("blocks.1.mlp.fc2.weight")
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(UserError, match=r"missing keys \['blocks.1.mlp.fc2.weight'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(
+        UserError,
+        match=r"missing keys \['blocks.1.mlp.fc2.weight'\].*unexpected keys \['extra.weight'\]",
+    ):
         _load(path)
 
 
 def test_num_classes_contradicting_weights(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(make_tiny().state_dict(), path)
-    with pytest.raises(UserError, match="have 5 classes but the model has 7; drop --num-classes or pass --num-classes 5"):
+    with pytest.raises(
+        UserError,
+        match="have 5 classes but the model has 7; drop --num-classes or pass --num-classes 5",
+    ):
         load_model("vit_tiny_patch16_224", path, num_classes=7, img_size=16, model_args=ARGS)
 
 
@@ -59,7 +67,9 @@ def test_shape_mismatch_names_tensor(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(make_tiny().state_dict(), path)
     model = make_tiny(mlp_ratio=2.0)
-    with pytest.raises(UserError, match=r"blocks.0.mlp.fc1.weight is \(128, 32\) in the file but \(64, 32\)"):
+    with pytest.raises(
+        UserError, match=r"blocks.0.mlp.fc1.weight is \(128, 32\) in the file but \(64, 32\)"
+    ):
         load_weights(model, path)
 
 

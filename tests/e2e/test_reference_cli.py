@@ -1,0 +1,69 @@
+"""The CLI end to end on the shipped reference model, on real Fashion-MNIST test images."""
+
+import json
+
+import pytest
+
+from tests.conftest import requires_fmnist, requires_trt
+from tests.unit.test_cli_errors import run_cli
+
+pytestmark = [pytest.mark.e2e, requires_fmnist]
+
+
+@pytest.mark.parametrize("bits,target", [("w8a8", "ort"), ("w4a8", "trt")])
+def test_cli_on_fmnist_vit(tmp_path, bits, target):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "fmnist_vit",
+        "--bits",
+        bits,
+        "--target",
+        target,
+        "--eval-data",
+        "fmnist",
+        "--eval-limit",
+        "1000",
+        "--out",
+        str(out),
+        "--no-engine",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" in proc.stdout and "torch fake-quant" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity_inputs"] == {"source": "fmnist", "count": 1000}
+    acc = report["accuracy"]
+    assert acc["fp32"] >= 0.88  # first 1000 test images
+    assert acc["fakequant"] >= acc["fp32"] - 0.02
+    assert report["agreement"]["ort"] >= 0.99
+    err = report["logit_error"]["ort"]
+    assert err["cosine"] > 0.999 and err["mean_abs"] < 0.05
+    assert report["config"]["bits"] == bits and report["versions"]["onnxruntime"]
+    qp = json.loads((out / "qparams.json").read_text())
+    assert qp["target"] == target and qp["metadata"]["weights"] == "bundled:fmnist_vit.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.qdq.onnx",
+        "qparams.json",
+        "report.json",
+    ]
+
+
+@requires_trt
+def test_cli_trt_builds_engine(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "fmnist_vit",
+        "--bits",
+        "w8a8",
+        "--target",
+        "trt",
+        "--eval-data",
+        "fmnist",
+        "--eval-limit",
+        "200",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    engine = json.loads((out / "report.json").read_text())["artifacts"]["engine"]
+    assert engine["plan_bytes"] == (out / "model.engine").stat().st_size > 0
+    assert engine["strongly_typed"] is True

@@ -1,0 +1,51 @@
+"""TensorRT's real ONNX parser and builder accept our graphs (TensorRT-RTX builds on the CPU)."""
+
+import pytest
+
+from clamp_export.build.trt import build_engine
+from clamp_export.data.sources import load_images
+from clamp_export.errors import UserError
+from clamp_export.export.lint import lint
+from clamp_export.export.qdq import export_qdq
+from clamp_export.models import load_model
+from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.calibrate import calibrate
+from clamp_export.quant.fakequant import wrap_model
+from clamp_export.quant.targets import get_profile
+from tests.conftest import requires_fmnist, requires_trt
+
+pytestmark = [pytest.mark.trt, requires_trt]
+
+
+def _export(target: str, bits: str, path):
+    loaded = load_model("fmnist_vit")
+    profile = get_profile(target)
+    calib, _ = load_images("fmnist-train", loaded.preprocess, limit=32, shuffle=True)
+    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib)
+    return export_qdq(qm, loaded.preprocess.input_size, profile, path)
+
+
+@requires_fmnist
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+def test_trt_profile_graph_parses_and_builds(tmp_path, bits):
+    proto = _export("trt", bits, tmp_path / "m.onnx")
+    assert lint(proto, get_profile("trt")) == []
+    res = build_engine(
+        tmp_path / "m.onnx", tmp_path / "m.engine", input_shape=(1, 28, 28), batch=(1, 8, 64)
+    )
+    assert res.plan_bytes > 100_000 and (tmp_path / "m.engine").stat().st_size == res.plan_bytes
+    assert res.strongly_typed and res.network_layers > 100
+
+
+@requires_fmnist
+def test_asymmetric_ort_graph_is_rejected_by_lint(tmp_path):
+    proto = _export("ort", "w8a8", tmp_path / "ort.onnx")
+    rules = {v.rule for v in lint(proto, get_profile("trt"))}
+    assert {"zero-point-0", "int8-only", "float-type"} <= rules
+
+
+def test_parser_errors_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="parser rejected"):
+        build_engine(bad, None, input_shape=(1, 28, 28))
