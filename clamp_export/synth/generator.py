@@ -85,13 +85,13 @@ def float_tap(model: nn.Module, name: str) -> AttentionTap:
     return AttentionTap(wrapped, name)
 
 
-def check_memory(model: nn.Module, pre: Preprocess, n: int) -> None:
-    tokens = math.prod(model.patch_embed.grid_size) + getattr(model, "num_prefix_tokens", 1)
-    width = model.embed_dim
-    depth = len(model.blocks)
-    heads = model.blocks[0].attn.num_heads
-    # activations kept for backward: ~ 12 width-sized tensors + 3 attention maps per block
-    per_image = depth * (12 * tokens * width + 3 * heads * tokens * tokens) * 4
+def check_memory(model: nn.Module, pre: Preprocess, n: int, optimize: bool) -> None:
+    per_image = 4 * math.prod(pre.input_size)
+    if optimize:
+        tokens = math.prod(model.patch_embed.grid_size) + getattr(model, "num_prefix_tokens", 1)
+        heads = max(getattr(b.attn, "num_heads", 1) for b in model.blocks)
+        # activations kept for backward: ~12 width-sized tensors + 3 attention maps per block
+        per_image += len(model.blocks) * (12 * tokens * model.embed_dim + 3 * heads * tokens**2) * 4
     limit = max(1, MAX_BYTES_PER_STEP // per_image)
     if n > limit:
         raise UserError(
@@ -114,17 +114,18 @@ def generate(
 ) -> SynthResult:
     """Synthetic calibration images for ``model`` (float, frozen) under ``cfg``."""
     t0 = time.time()
+    optimize = cfg.method != "noise" and cfg.steps > 0
+    tap = float_tap(model, name) if optimize else None
+    check_memory(model, pre, cfg.n, optimize)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     targets = torch.randint(0, model.num_classes, (cfg.n,), generator=gen)
     lo, hi = pre.pixel_bounds()
     # every method starts from the noise baseline's images: Gaussian, clamped to valid pixels
     x = torch.max(torch.min(noise_images(cfg.n, pre, cfg.seed), hi), lo)
     result = SynthResult(images=x, targets=targets, config=cfg)
-    if cfg.method == "noise" or cfg.steps == 0:
+    if tap is None:
         result.seconds = time.time() - t0
         return _finish(result, model)
-    check_memory(model, pre, cfg.n)
-    tap = float_tap(model, name)
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
@@ -159,10 +160,10 @@ def generate(
                 x.data = torch.max(torch.min(x.data, hi), lo)
             rec = {
                 "step": step,
-                "loss": float(loss),
-                "patch": float(l_patch),
-                "ce": float(l_ce),
-                "tv": float(l_tv),
+                "loss": loss.item(),
+                "patch": l_patch.item(),
+                "ce": l_ce.item(),
+                "tv": l_tv.item(),
             }
             if pos_sim is not None:
                 rec["pos_sim"] = pos_sim

@@ -1,0 +1,33 @@
+"""Shared pieces of the accuracy benchmarks: evaluation, mean ± std, table printing."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+    return correct / len(x)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt_pct(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))

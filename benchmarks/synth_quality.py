@@ -1,0 +1,144 @@
+"""Stage 1 quality: which calibration images give the best min-max / percentile ranges?
+
+For each source (Gaussian noise, PSAQ-ViT v1, CLAMP-synth, and 32 real training images as the
+upper anchor) and seed: calibrate fmnist_vit at each rung of the ladder, under the ort and trt
+profiles, with min-max and with percentile ranges; report top-1 on the full 10k Fashion-MNIST
+test set as mean ± std over seeds, plus each generator's misprediction rate and time.
+
+    .venv/bin/python benchmarks/synth_quality.py [--seeds 0,1,2] [--preset default]
+
+Prints a table and writes benchmarks/results/synth_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_pct, mean_std, print_table, top1  # noqa: E402
+
+from clamp_export import atomic  # noqa: E402
+from clamp_export.data.sources import load_images  # noqa: E402
+from clamp_export.models import load_model  # noqa: E402
+from clamp_export.pipeline import versions  # noqa: E402
+from clamp_export.quant.bits import BitsSpec  # noqa: E402
+from clamp_export.quant.calibrate import calibrate  # noqa: E402
+from clamp_export.quant.fakequant import wrap_model  # noqa: E402
+from clamp_export.quant.targets import get_profile  # noqa: E402
+from clamp_export.synth import preset, synthesize  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LADDER = ("w8a8", "w4a8", "w4a6", "w4a4", "w3a4")
+SOURCES = ("noise", "psaq", "clamp", "real")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="fmnist_vit")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bits", default=",".join(LADDER))
+    ap.add_argument("--targets", default="ort,trt")
+    ap.add_argument("--ranges", default="minmax,percentile")
+    ap.add_argument("--sources", default=",".join(SOURCES))
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--eval-limit", type=int)
+    ap.add_argument(
+        "--cache-dir", default=None, help="reuse synthetic sets from here (default: none)"
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "synth_quality.json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(True)
+
+    loaded = load_model(args.model)
+    pre = loaded.preprocess
+    x_test, y_test = load_images("fmnist", pre, limit=args.eval_limit)
+    fp32 = top1(loaded.model, x_test, y_test)
+    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    acc: dict[str, list[float]] = {}
+    gen_stats: dict[str, dict[str, list[float]]] = {}
+    for source in args.sources.split(","):
+        for seed in seeds:
+            if source == "real":
+                calib, _ = load_images("fmnist-train", pre, limit=args.n, seed=seed, shuffle=True)
+                stats = {"seconds": 0.0, "misprediction_rate": None}
+            else:
+                cfg = preset(args.preset, method=source, n=args.n, seed=seed)
+                t = time.time()
+                res, _ = synthesize(loaded, cfg, args.cache_dir, log=lambda m: None, progress=False)
+                calib = res.images
+                stats = {
+                    "seconds": time.time() - t if not res.cached else res.seconds,
+                    "misprediction_rate": res.misprediction_rate,
+                }
+            for k, v in stats.items():
+                if v is not None:
+                    gen_stats.setdefault(source, {}).setdefault(k, []).append(v)
+            for target in args.targets.split(","):
+                profile = get_profile(target)
+                for bits in args.bits.split(","):
+                    for rng in args.ranges.split(","):
+                        qm = calibrate(
+                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib, rng
+                        )
+                        key = f"{source}|{target}|{bits}|{rng}"
+                        acc.setdefault(key, []).append(top1(qm, x_test, y_test))
+            print(f"  done: {source} seed {seed}", flush=True)
+
+    header = ["target", "bits", "range", *args.sources.split(",")]
+    rows = []
+    for target in args.targets.split(","):
+        for bits in args.bits.split(","):
+            for rng in args.ranges.split(","):
+                rows.append(
+                    [
+                        target,
+                        bits,
+                        rng,
+                        *(
+                            fmt_pct(acc[f"{s}|{target}|{bits}|{rng}"])
+                            for s in args.sources.split(",")
+                        ),
+                    ]
+                )
+    print(
+        f"\ntop-1 % on {len(x_test)} Fashion-MNIST test images (FP32 {100 * fp32:.2f}), mean ± std over seeds {seeds}"
+    )
+    print_table(header, rows)
+    print()
+    gen_rows = []
+    for s, st in gen_stats.items():
+        mis = st.get("misprediction_rate")
+        gen_rows.append([s, fmt_pct(mis) if mis else "-", f"{mean_std(st['seconds'])[0]:.1f}"])
+    print_table(["source", "misprediction %", "generation s"], gen_rows)
+    atomic.write_json(
+        args.out,
+        {
+            "model": args.model,
+            "fp32": fp32,
+            "eval_images": len(x_test),
+            "seeds": seeds,
+            "preset": args.preset,
+            "synth_config": {
+                s: preset(args.preset, method=s).to_dict() for s in ("noise", "psaq", "clamp")
+            },
+            "accuracy": {
+                k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}
+                for k, v in acc.items()
+            },
+            "generation": gen_stats,
+            "versions": versions(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
