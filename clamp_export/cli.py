@@ -75,6 +75,19 @@ def cli() -> None:
 @click.option(
     "--synth-preset", default="default", show_default=True, help="Stage 1 preset: default or fast."
 )
+@click.option(
+    "--search-preset",
+    default="default",
+    show_default=True,
+    help="Stage 2 preset: default, fast or paper.",
+)
+@click.option(
+    "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."
+)
+@click.option(
+    "--fitness", default="both", show_default=True, help="both (L_C2 + L_O), output or contrastive."
+)
+@click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out.")
 @click.option("--cache-dir", default="calib", show_default=True, help="Calibration artifact store.")
 @click.option(
     "--range", "range_method", default="minmax", show_default=True, help="minmax or percentile."
@@ -111,6 +124,9 @@ def quantize(**kw) -> None:
         calib_data=kw["calib_data"],
         calib_size=kw["calib_size"],
         synth_preset=kw["synth_preset"],
+        search_preset=kw["search_preset"],
+        search_overrides={"cyclic": False if kw["no_cyclic"] else None, "fitness": kw["fitness"]},
+        resume=kw["resume"],
         cache_dir=kw["cache_dir"],
         range_method=kw["range_method"],
         percentile=kw["percentile"],

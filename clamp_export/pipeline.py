@@ -3,6 +3,7 @@ lint → (TensorRT build) → parity report. The CLI only parses flags into a ``
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +25,13 @@ from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
+from clamp_export.search import preset as search_preset
+from clamp_export.search import run_search, write_search_json
 from clamp_export.synth import preset, synthesize
 
-CALIB_SOURCES = ("noise", "real", "clamp-synth", "psaq")
-SYNTH_METHOD = {"noise": "noise", "clamp-synth": "clamp", "psaq": "psaq"}
+CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
+# --calib clamp = Stage 1 (clamp images) + Stage 2 (search); the others are min-max/percentile
+SYNTH_METHOD = {"clamp": "clamp", "noise": "noise", "clamp-synth": "clamp", "psaq": "psaq"}
 PARITY_NOISE_IMAGES = 64
 
 
@@ -43,10 +47,13 @@ class RunConfig:
     model_args: dict = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    calib: str = "noise"
+    calib: str = "clamp"
     calib_data: str = "fmnist-train"
     calib_size: int = 32
     synth_preset: str = "default"
+    search_preset: str = "default"
+    search_overrides: dict = field(default_factory=dict)  # e.g. cyclic=False, fitness="output"
+    resume: bool = False
     cache_dir: str | None = "calib"
     range_method: str = "minmax"
     percentile: float = 99.99
@@ -139,11 +146,39 @@ def run(cfg: RunConfig, log=print) -> dict:
             f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images"
         )
         calibrate(qmodel, calib_x, cfg.range_method, cfg.percentile)
+        header = {"model": loaded.name, "target": profile.name, "bits": str(bits)}
+        search_record = None
+        if cfg.calib == "clamp":
+            scfg = search_preset(cfg.search_preset, seed=cfg.seed, **cfg.search_overrides)
+            log(f"searching ({cfg.search_preset}: {scfg.passes} passes x {scfg.cycles} cycles)")
+            identity = {
+                "model": loaded.name,
+                "weights_sha256": loaded.weights_sha256,
+                "bits": str(bits),
+                "target": profile.name,
+                "synth": json.dumps(synth_record["config"], sort_keys=True),
+            }
+            _, calib_x, slog = run_search(
+                loaded.model,
+                qmodel,
+                calib_x,
+                scfg,
+                header,
+                pre.pixel_bounds(),
+                run_dir=out,
+                identity=identity,
+                resume=cfg.resume,
+            )
+            write_search_json(out / "search.json", scfg, slog)
+            search_record = {
+                "config": scfg.to_dict(),
+                "seconds": round(slog.seconds, 1),
+                "refreshes": slog.refreshes,
+                "passes": slog.passes,
+            }
         qp = collect_qparams(
             qmodel,
-            model=loaded.name,
-            target=profile.name,
-            bits=str(bits),
+            **header,
             metadata={
                 "timm_name": loaded.timm_name,
                 "weights": loaded.weights,
@@ -157,6 +192,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                     "percentile": cfg.percentile if cfg.range_method == "percentile" else None,
                     "seed": cfg.seed,
                 },
+                "search": search_record,
                 "profile": profile.to_dict(),
                 "bits_spec": bits.to_dict(),
                 "preprocess": pre.to_dict(),

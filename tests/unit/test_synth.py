@@ -144,13 +144,19 @@ def test_synth_cli_writes_files_and_reuses_the_cache(tiny_weights, tmp_path):
     assert "reusing" not in first.stderr and "generated 4 clamp images" in first.stderr
     out = tmp_path / "a"
     record = json.loads((out / "synth.json").read_text())
-    assert record["n"] == 4 and len(record["loss_curve"]) == 5 and 0 <= record["misprediction_rate"] <= 1
+    assert (
+        record["n"] == 4
+        and len(record["loss_curve"]) == 5
+        and 0 <= record["misprediction_rate"] <= 1
+    )
     assert record["config"]["steps"] == 5 and record["config"]["method"] == "clamp"
     png = Image.open(out / "grid.png")
     assert png.format == "PNG" and png.size[0] >= 2 * 16
     second = run_cli("synth", args[0], *common[1:], "--out", str(tmp_path / "b"))
     assert second.returncode == 0 and "reusing cached synthetic set" in second.stderr
     assert "(reused from cache)" in second.stdout
-    assert (tmp_path / "b" / "images.safetensors").read_bytes() == (out / "images.safetensors").read_bytes()
+    assert (tmp_path / "b" / "images.safetensors").read_bytes() == (
+        out / "images.safetensors"
+    ).read_bytes()
     bad = run_cli("synth", args[0], *common[1:], "--method", "gan", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "unknown synth method 'gan'" in bad.stderr

@@ -1,0 +1,71 @@
+"""Stage 2 configuration: plain data, named presets, JSON round-trip (stored in qparams.json).
+
+The paper runs P = 10 passes of C = 6 cycles on a GPU; the CPU presets scale P, C and the
+population down so the full pipeline on the reference model stays within minutes (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from clamp_export.errors import UserError
+
+FITNESS = ("both", "output", "contrastive")  # L_C2 + L_O, and the two ablations
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    passes: int = 3  # P
+    cycles: int = 4  # C, per layer per pass
+    population: int = 12
+    tournament: int = 3
+    mutation: float = 0.08  # std of the multiplicative (log-normal) noise on scales
+    zp_mutation: float = 0.3  # chance that a zero-point moves by ±1 (asymmetric targets only)
+    tau: float = 0.2  # temperature of the local contrastive loss L_C2
+    w_contrastive: float = 1.0
+    w_output: float = 1.0
+    fitness: str = "both"
+    cyclic: bool = True  # refine the synthetic images every C/2 cycles
+    refresh_steps: int = 3
+    refresh_lr: float = 0.02
+    refresh_lambda: float = 0.5  # weight of the FP/Q disagreement term D(FP(x), Q(x))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fitness not in FITNESS:
+            raise UserError(
+                f"unknown fitness {self.fitness!r}; choose one of: {', '.join(FITNESS)}"
+            )
+        if min(self.passes, self.cycles, self.population) < 1 or self.tournament < 1:
+            raise UserError("passes, cycles, population and tournament must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown search config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, SearchConfig] = {
+    "default": SearchConfig(),
+    "fast": SearchConfig(passes=1, cycles=2, population=6, refresh_steps=2),
+    "paper": SearchConfig(passes=10, cycles=6, population=15),
+}
+
+
+def preset(name: str, **overrides) -> SearchConfig:
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown search preset {name!r}; choose one of: {', '.join(PRESETS)}"
+        ) from None
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,270 @@
+"""The Stage 2 driver: P passes over every quantized layer, cyclic data refresh, checkpoints.
+
+Only the synthetic images and the float model reach this module: it takes no dataset argument and
+imports no data loader, so the search cannot see evaluation data (a test enforces it).
+
+Determinism: every layer's random generator is seeded from (seed, pass, layer) and every refresh
+from (seed, refresh count), so a run resumed from a checkpoint continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from clamp_export import atomic
+from clamp_export.errors import UserError
+from clamp_export.quant.fakequant import collect_qparams, load_qparams, set_mode
+from clamp_export.quant.qparams import QParams
+from clamp_export.search import stages
+from clamp_export.search.config import SearchConfig
+from clamp_export.search.evolution import evolve_layer, layer_quantizers
+from clamp_export.search.fitness import fitness
+from clamp_export.synth.generator import float_tap
+from clamp_export.synth.losses import patch_infonce
+
+CHECKPOINT = "search.ckpt"
+
+
+@dataclass
+class SearchLog:
+    seconds: float = 0.0
+    refreshes: int = 0
+    # one record per (pass, layer): name, fitness before/after
+    layers: list[dict] = field(default_factory=list)
+    # fitness of the whole model on the data current at the end of each pass
+    passes: list[dict] = field(default_factory=list)
+
+
+def _gen(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + p + 1) % (2**62)
+    return torch.Generator().manual_seed(seed)
+
+
+class _Caches:
+    """Float outputs of every block and the logits, plus the quantized input of the current stage."""
+
+    def __init__(self, fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor) -> None:
+        self.fp_model, self.qmodel = fp_model, qmodel
+        self.set_images(images)
+
+    @torch.inference_mode()
+    def set_images(self, images: torch.Tensor) -> None:
+        self.images = images
+        h = stages.embed(self.fp_model, images)
+        self.fp_out = []
+        for blk in self.fp_model.blocks:
+            h = blk(h)
+            self.fp_out.append(h)
+        self.fp_logits = stages.head_only(self.fp_model, h)
+        self.stage, self.hq = None, None
+
+    @torch.inference_mode()
+    def quant_input(self, stage: int) -> torch.Tensor | None:
+        """Input of ``stage`` under the current quantized parameters (incremental when moving on)."""
+        if stage < 0:
+            return None
+        if self.stage is None or stage < self.stage:
+            self.stage, self.hq = 0, stages.embed(self.qmodel, self.images)
+        while self.stage < stage:
+            self.hq = self.qmodel.blocks[self.stage](self.hq)
+            self.stage += 1
+        return self.hq
+
+    def invalidate(self) -> None:
+        self.stage, self.hq = None, None
+
+
+def _evaluator(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches, stage: int):
+    depth = len(qmodel.blocks)
+
+    @torch.inference_mode()
+    def evaluate() -> float:
+        if stage == -1:
+            outs, logits = stages.tail(qmodel, stages.embed(qmodel, caches.images), 0)
+        elif stage == depth:
+            outs, logits = [], stages.head_only(qmodel, caches.quant_input(depth))
+        else:
+            outs, logits = stages.tail(qmodel, caches.quant_input(stage), stage)
+        return fitness(
+            outs,
+            caches.fp_out[max(stage, 0) :],
+            logits,
+            caches.fp_logits,
+            depth,
+            cfg.tau,
+            cfg.w_contrastive,
+            cfg.w_output,
+            cfg.fitness,
+        )
+
+    return evaluate
+
+
+def model_fitness(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches) -> float:
+    """F on the current data: every block's L_C2 plus L_O (what every layer search lowers)."""
+    caches.invalidate()
+    return _evaluator(cfg, qmodel, caches, -1)()
+
+
+def refine_images(
+    tap, qmodel: nn.Module, images: torch.Tensor, cfg: SearchConfig, pre_bounds
+) -> torch.Tensor:
+    """Cyclic adaptation: keep patch semantics (L_patch) while seeking FP/Q disagreement."""
+    lo, hi = pre_bounds
+    x = images.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.refresh_lr, betas=(0.5, 0.9))
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        for _ in range(cfg.refresh_steps):
+            fp_logits, feats = tap(x)
+            l_patch = torch.stack([patch_infonce(f, tap.grid)[0] for f in feats]).mean()
+            disagreement = (fp_logits - qmodel(x)).abs().mean()
+            loss = l_patch - cfg.refresh_lambda * disagreement
+            if not torch.isfinite(loss):
+                raise UserError("image refinement diverged; lower refresh_lr or turn cyclic off")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.data = torch.max(torch.min(x.data, hi), lo)
+    return x.detach()
+
+
+def _save_checkpoint(path: Path, identity: dict, state: dict) -> None:
+    with atomic.atomic_path(path) as tmp:
+        torch.save({"identity": identity, **state}, tmp)
+
+
+def _load_checkpoint(path: Path, identity: dict) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved = ckpt["identity"]
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} is corrupt ({type(e).__name__}); delete it or run without --resume "
+            "to restart the search"
+        ) from None
+    for key in sorted(set(identity) | set(saved)):
+        if identity.get(key) != saved.get(key):
+            raise UserError(
+                f"cannot resume from {path}: it was made with another {key} "
+                f"({saved.get(key)!r}, now {identity.get(key)!r}); use another --out or drop --resume"
+            )
+    return ckpt
+
+
+def run_search(
+    fp_model: nn.Module,
+    qmodel: nn.Module,
+    images: torch.Tensor,
+    cfg: SearchConfig,
+    header: dict,
+    pixel_bounds,
+    run_dir: Path | None = None,
+    identity: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> tuple[QParams, torch.Tensor, SearchLog]:
+    """Search ``qmodel`` (already min-max calibrated) in place; returns (qparams, images, log).
+
+    ``stop_after`` ends the run after that many layers (tests use it to simulate a kill).
+    """
+    t0 = time.time()
+    layers = stages.searchable_layers(qmodel)
+    identity = {**(identity or {}), "search": cfg.to_json(), "layers": len(layers)}
+    ckpt_path = None
+    if run_dir is not None:
+        ckpt_path = atomic.ensure_writable_dir(run_dir) / CHECKPOINT
+    log = SearchLog()
+    start = 0
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise UserError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
+        ckpt = _load_checkpoint(ckpt_path, identity)
+        load_qparams(qmodel, QParams.from_dict(ckpt["qparams"]))
+        images = ckpt["images"]
+        start = ckpt["next"]
+        log = SearchLog(**ckpt["log"])
+    prior_seconds = log.seconds
+    set_mode(qmodel, "quant")
+    caches = _Caches(fp_model, qmodel, images)
+    half = max(1, cfg.cycles // 2)
+    total = cfg.passes * len(layers)
+    bar = tqdm(total=total, initial=start, desc="search", disable=not progress, leave=False)
+    tap = float_tap(fp_model, "model") if cfg.cyclic else None
+    done = 0
+    try:
+        for step in range(start, total):
+            p, li = divmod(step, len(layers))
+            name, module, stage = layers[li]
+            quantizers = layer_quantizers(module)
+            caches.quant_input(stage)  # move the quantized cache to this layer's stage
+
+            def on_cycle(cycle: int) -> bool:
+                if not cfg.cyclic or (cycle + 1) % half:
+                    return False
+                new = refine_images(tap, qmodel, caches.images, cfg, pixel_bounds)
+                log.refreshes += 1
+                caches.set_images(new)
+                return True
+
+            before, after = evolve_layer(
+                quantizers,
+                _evaluator(cfg, qmodel, caches, stage),
+                cfg.cycles,
+                cfg.population,
+                cfg.tournament,
+                cfg.mutation,
+                cfg.zp_mutation,
+                _gen(cfg.seed, p, li),
+                on_cycle,
+            )
+            if stage == -1:  # the patch embedding feeds every block: recompute downstream inputs
+                caches.invalidate()
+            log.layers.append({"pass": p, "layer": name, "before": before, "after": after})
+            if li == len(layers) - 1:
+                log.passes.append(
+                    {
+                        "pass": p,
+                        "fitness": model_fitness(cfg, qmodel, caches),
+                        "refreshes": log.refreshes,
+                    }
+                )
+            bar.update(1)
+            bar.set_postfix(layer=name, fitness=f"{after:.4f}")
+            if ckpt_path is not None:
+                log.seconds = prior_seconds + time.time() - t0
+                _save_checkpoint(
+                    ckpt_path,
+                    identity,
+                    {
+                        "next": step + 1,
+                        "qparams": collect_qparams(qmodel, **header).to_dict(),
+                        "images": caches.images,
+                        "log": log.__dict__,
+                    },
+                )
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        bar.close()
+        if tap is not None:
+            tap.close()
+    log.seconds = prior_seconds + time.time() - t0
+    return collect_qparams(qmodel, **header), caches.images, log
+
+
+def write_search_json(path: Path, cfg: SearchConfig, log: SearchLog) -> None:
+    atomic.write_json(path, {"config": cfg.to_dict(), **log.__dict__})

@@ -1,0 +1,91 @@
+"""Layer-wise evolutionary search of quantization parameters (CLAMP-ViT Stage 2).
+
+A layer's genome is the (scale, zero-point) of each of its quantizers. Each cycle evaluates a
+population, keeps the best (elitism, so fitness on fixed data never rises), and breeds the next
+population by tournament selection and multiplicative log-normal mutation. Zero-points move only
+where the target allows them (asymmetric activations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clamp_export.quant.fakequant import QuantAttention, Quantizer, _QuantWeighted
+
+Genome = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def layer_quantizers(module) -> list[Quantizer]:
+    if isinstance(module, _QuantWeighted):
+        return [module.input_q, module.weight_q]
+    if isinstance(module, QuantAttention):
+        return [module.q, module.k, module.attn, module.v]
+    raise TypeError(f"not a searchable layer: {type(module).__name__}")
+
+
+def read_genome(quantizers: list[Quantizer]) -> Genome:
+    return [(q.scale.clone(), q.zero_point.clone()) for q in quantizers]
+
+
+def install(quantizers: list[Quantizer], genome: Genome) -> None:
+    for q, (s, z) in zip(quantizers, genome, strict=True):
+        q.scale, q.zero_point = s, z
+
+
+def mutate(
+    genome: Genome, quantizers: list[Quantizer], sigma: float, zp_rate: float, gen: torch.Generator
+) -> Genome:
+    out = []
+    for (s, z), q in zip(genome, quantizers, strict=True):
+        s2 = s * torch.exp(sigma * torch.randn(s.shape, generator=gen))
+        z2 = z
+        if not q.symmetric:
+            move = (torch.rand(z.shape, generator=gen) < zp_rate).to(z.dtype)
+            sign = torch.where(torch.rand(z.shape, generator=gen) < 0.5, -1, 1).to(z.dtype)
+            z2 = torch.clamp(z + move * sign, q.qmin, q.qmax)
+        out.append((s2, z2))
+    return out
+
+
+def tournament(fits: list[float], k: int, gen: torch.Generator) -> int:
+    pick = torch.randint(0, len(fits), (min(k, len(fits)),), generator=gen).tolist()
+    return min(pick, key=lambda i: fits[i])
+
+
+def evolve_layer(
+    quantizers: list[Quantizer],
+    evaluate,
+    cycles: int,
+    population: int,
+    tournament_size: int,
+    sigma: float,
+    zp_rate: float,
+    gen: torch.Generator,
+    on_cycle=None,
+) -> tuple[float, float]:
+    """Search one layer in place. ``evaluate()`` scores the currently installed parameters.
+
+    ``on_cycle(cycle)`` may change the data (cyclic adaptation); it returns True when it did, and
+    the incumbent is then re-scored. Returns (fitness before, fitness after) on the final data.
+    """
+    best = read_genome(quantizers)
+    best_fit = evaluate()
+    start_fit = best_fit
+    pop = [best] + [mutate(best, quantizers, sigma, zp_rate, gen) for _ in range(population - 1)]
+    fits = [best_fit] + [float("inf")] * (population - 1)
+    for cycle in range(cycles):
+        for i in range(1, len(pop)):
+            install(quantizers, pop[i])
+            fits[i] = evaluate()
+        i_best = min(range(len(pop)), key=lambda i: fits[i])
+        if fits[i_best] < best_fit:
+            best, best_fit = pop[i_best], fits[i_best]
+        install(quantizers, best)
+        if on_cycle is not None and on_cycle(cycle):
+            best_fit = evaluate()
+            start_fit = float("nan")  # the data changed: the two numbers are not comparable
+        parents = [pop[tournament(fits, tournament_size, gen)] for _ in range(population - 1)]
+        pop = [best] + [mutate(p, quantizers, sigma, zp_rate, gen) for p in parents]
+        fits = [best_fit] + [float("inf")] * (population - 1)
+    install(quantizers, best)
+    return start_fit, best_fit
