@@ -14,8 +14,7 @@ from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import load_qparams, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
-from clamp_export.search import SearchConfig, run_search
-from clamp_export.search import driver
+from clamp_export.search import SearchConfig, driver, run_search
 from clamp_export.search.fitness import local_contrastive
 from tests.conftest import make_tiny
 
