@@ -31,3 +31,27 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str = "default"):
+    """(normalized images, generation stats) for a calibration source.
+
+    ``source`` is ``real`` (n random Fashion-MNIST training images) or a Stage 1 method.
+    """
+    import time
+
+    from clamp_export.data.sources import load_images
+    from clamp_export.synth import preset, synthesize
+
+    if source == "real":
+        images, _ = load_images("fmnist-train", loaded.preprocess, limit=n, seed=seed, shuffle=True)
+        return images, {"seconds": 0.0, "misprediction_rate": None}
+    t = time.time()
+    res, _ = synthesize(
+        loaded,
+        preset(synth_preset, method=source, n=n, seed=seed),
+        None,
+        log=lambda m: None,
+        progress=False,
+    )
+    return res.images, {"seconds": time.time() - t, "misprediction_rate": res.misprediction_rate}

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_pct, mean_std, print_table, top1  # noqa: E402
+from common import calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.data.sources import load_images  # noqa: E402
@@ -30,7 +29,7 @@ from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.calibrate import calibrate  # noqa: E402
 from clamp_export.quant.fakequant import wrap_model  # noqa: E402
 from clamp_export.quant.targets import get_profile  # noqa: E402
-from clamp_export.synth import preset, synthesize  # noqa: E402
+from clamp_export.synth import preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LADDER = ("w8a8", "w4a8", "w4a6", "w4a4", "w3a4")
@@ -67,18 +66,7 @@ def main() -> None:
     gen_stats: dict[str, dict[str, list[float]]] = {}
     for source in args.sources.split(","):
         for seed in seeds:
-            if source == "real":
-                calib, _ = load_images("fmnist-train", pre, limit=args.n, seed=seed, shuffle=True)
-                stats = {"seconds": 0.0, "misprediction_rate": None}
-            else:
-                cfg = preset(args.preset, method=source, n=args.n, seed=seed)
-                t = time.time()
-                res, _ = synthesize(loaded, cfg, args.cache_dir, log=lambda m: None, progress=False)
-                calib = res.images
-                stats = {
-                    "seconds": time.time() - t if not res.cached else res.seconds,
-                    "misprediction_rate": res.misprediction_rate,
-                }
+            calib, stats = calibration_images(loaded, source, args.n, seed, args.preset)
             for k, v in stats.items():
                 if v is not None:
                     gen_stats.setdefault(source, {}).setdefault(k, []).append(v)

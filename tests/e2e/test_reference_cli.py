@@ -25,6 +25,8 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
         "1000",
         "--out",
         str(out),
+        "--calib",
+        "noise",
         "--no-engine",
     )
     assert proc.returncode == 0, proc.stderr
@@ -60,6 +62,8 @@ def test_cli_trt_builds_engine(tmp_path):
         "fmnist",
         "--eval-limit",
         "200",
+        "--calib",
+        "noise",
         "--out",
         str(out),
     )
@@ -67,3 +71,24 @@ def test_cli_trt_builds_engine(tmp_path):
     engine = json.loads((out / "report.json").read_text())["artifacts"]["engine"]
     assert engine["plan_bytes"] == (out / "model.engine").stat().st_size > 0
     assert engine["strongly_typed"] is True
+
+
+def test_full_clamp_pipeline_and_resume(tmp_path):
+    """Stage 1 + Stage 2 through the CLI (fast presets), then --resume on the finished run."""
+    out = tmp_path / "run"
+    common = ["fmnist_vit", "--bits", "w4a4", "--target", "trt", "--calib", "clamp", "--synth-preset", "fast",
+              "--search-preset", "fast", "--eval-data", "fmnist", "--eval-limit", "1000", "--no-engine",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    proc = run_cli(*common)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    meta = json.loads((out / "qparams.json").read_text())["metadata"]
+    assert meta["search"]["config"]["passes"] == 1 and meta["calibration"]["synth"]["config"]["method"] == "clamp"
+    search = json.loads((out / "search.json").read_text())
+    assert len(search["layers"]) == 32 and search["passes"][0]["fitness"] > 0
+    assert report["agreement"]["ort"] >= 0.99
+    again = run_cli(*common, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "reusing cached synthetic set" in again.stderr
+    other = run_cli(*[a if a != "w4a4" else "w4a8" for a in common], "--resume")
+    assert other.returncode == 2 and "cannot resume" in other.stderr

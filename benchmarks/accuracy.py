@@ -1,0 +1,153 @@
+"""Stage 2 accuracy: full CLAMP-ViT against every baseline, on the 10k Fashion-MNIST test set.
+
+Methods: noise / psaq / clamp-synth / real (32 train images) calibration with min-max and with
+percentile ranges; full CLAMP (Stage 1 + search + cyclic); and the ablations: no cyclic
+adaptation, L_O only, L_C2 only. Ladder W8A8 ... W3A4 under the ort and trt profiles, mean ± std
+over seeds, time per method.
+
+    .venv/bin/python benchmarks/accuracy.py [--seeds 0,1,2] [--bits w4a4,w4a8] [--targets trt]
+
+Prints a table and writes benchmarks/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
+
+from clamp_export import atomic  # noqa: E402
+from clamp_export.data.sources import load_images  # noqa: E402
+from clamp_export.models import load_model  # noqa: E402
+from clamp_export.pipeline import versions  # noqa: E402
+from clamp_export.quant.bits import BitsSpec  # noqa: E402
+from clamp_export.quant.calibrate import calibrate  # noqa: E402
+from clamp_export.quant.fakequant import wrap_model  # noqa: E402
+from clamp_export.quant.targets import get_profile  # noqa: E402
+from clamp_export.search import preset as search_preset  # noqa: E402
+from clamp_export.search import run_search  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4")
+BASELINES = tuple(
+    f"{s}-{r}" for s in ("noise", "psaq", "clamp-synth", "real") for r in ("minmax", "percentile")
+)
+CLAMP = {
+    "clamp": {},
+    "clamp-no-cyclic": {"cyclic": False},
+    "clamp-L_O-only": {"fitness": "output"},
+    "clamp-L_C2-only": {"fitness": "contrastive"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="fmnist_vit")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bits", default=",".join(LADDER))
+    ap.add_argument("--targets", default="ort,trt")
+    ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP)))
+    ap.add_argument("--synth-preset", default="default")
+    ap.add_argument("--search-preset", default="default")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--eval-limit", type=int)
+    ap.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
+    args = ap.parse_args()
+
+    loaded = load_model(args.model)
+    x_test, y_test = load_images("fmnist", loaded.preprocess, limit=args.eval_limit)
+    fp32 = top1(loaded.model, x_test, y_test)
+    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    acc: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    for seed in seeds:
+        images: dict[str, tuple] = {}
+
+        def source(name: str, images=images, seed=seed):
+            if name not in images:
+                images[name] = calibration_images(loaded, name, args.n, seed, args.synth_preset)
+            return images[name]
+
+        for target in args.targets.split(","):
+            profile = get_profile(target)
+            for bits in args.bits.split(","):
+                for method in methods:
+                    t = time.time()
+                    if method in CLAMP:
+                        calib, gen = source("clamp")
+                        qm = calibrate(
+                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib
+                        )
+                        cfg = search_preset(args.search_preset, seed=seed, **CLAMP[method])
+                        header = {"model": args.model, "target": target, "bits": bits}
+                        run_search(
+                            loaded.model,
+                            qm,
+                            calib,
+                            cfg,
+                            header,
+                            loaded.preprocess.pixel_bounds(),
+                            progress=False,
+                        )
+                    else:
+                        src, rng = method.rsplit("-", 1)
+                        calib, gen = source("clamp" if src == "clamp-synth" else src)
+                        qm = calibrate(
+                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib, rng
+                        )
+                    key = f"{method}|{target}|{bits}"
+                    acc.setdefault(key, []).append(top1(qm, x_test, y_test))
+                    seconds.setdefault(method, []).append(time.time() - t + gen["seconds"])
+                    print(
+                        f"  seed {seed} {target} {bits} {method}: {100 * acc[key][-1]:.2f}%",
+                        flush=True,
+                    )
+
+    header = ["target", "bits", *methods]
+    rows = [
+        [t, b, *(fmt_pct(acc[f"{m}|{t}|{b}"]) for m in methods)]
+        for t in args.targets.split(",")
+        for b in args.bits.split(",")
+    ]
+    print(
+        f"\ntop-1 % on {len(x_test)} test images (FP32 {100 * fp32:.2f}), mean ± std over seeds {seeds}"
+    )
+    print_table(header, rows)
+    print_table(
+        ["method", "seconds (mean, incl. image generation)"],
+        [[m, f"{mean_std(seconds[m])[0]:.1f}"] for m in methods],
+    )
+    atomic.write_json(
+        args.out,
+        {
+            "model": args.model,
+            "fp32": fp32,
+            "eval_images": len(x_test),
+            "seeds": seeds,
+            "synth_preset": args.synth_preset,
+            "search_config": {
+                m: search_preset(args.search_preset, **o).to_dict() for m, o in CLAMP.items()
+            },
+            "accuracy": {
+                k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}
+                for k, v in acc.items()
+            },
+            "seconds": {m: mean_std(v)[0] for m, v in seconds.items()},
+            "versions": versions(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
