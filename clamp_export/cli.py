@@ -60,7 +60,15 @@ def cli() -> None:
 @click.option("--in-chans", type=int)
 @click.option("--mean", help="Comma-separated per-channel mean (overrides the model's).")
 @click.option("--std", help="Comma-separated per-channel std.")
-@click.option("--bits", default="w8a8", show_default=True, help="wXaY, X and Y in 2..8.")
+@click.option(
+    "--bits",
+    default="w8a8",
+    show_default=True,
+    help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.",
+)
+@click.option(
+    "--budget-mb", type=float, help="Mixed precision under a model-size budget (packed MB)."
+)
 @click.option("--target", default="ort", show_default=True, help="ort or trt.")
 @click.option(
     "--calib", default="noise", show_default=True, help="noise, real, clamp-synth or psaq."
@@ -127,6 +135,7 @@ def quantize(**kw) -> None:
         search_preset=kw["search_preset"],
         search_overrides={"cyclic": False if kw["no_cyclic"] else None, "fitness": kw["fitness"]},
         resume=kw["resume"],
+        budget_mb=kw["budget_mb"],
         cache_dir=kw["cache_dir"],
         range_method=kw["range_method"],
         percentile=kw["percentile"],

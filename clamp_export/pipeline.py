@@ -27,6 +27,8 @@ from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreemen
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import preset as search_preset
 from clamp_export.search import run_search, write_search_json
+from clamp_export.search.driver import model_evaluator
+from clamp_export.search.mixed import allocate, budget_to_weight_bits, summarize
 from clamp_export.synth import preset, synthesize
 
 CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
@@ -54,6 +56,7 @@ class RunConfig:
     search_preset: str = "default"
     search_overrides: dict = field(default_factory=dict)  # e.g. cyclic=False, fitness="output"
     resume: bool = False
+    budget_mb: float | None = None  # mixed precision under a model-size budget
     cache_dir: str | None = "calib"
     range_method: str = "minmax"
     percentile: float = 99.99
@@ -119,8 +122,12 @@ def run(cfg: RunConfig, log=print) -> dict:
     if cfg.eval_data:
         eval_x, eval_y = load_images(cfg.eval_data, pre, limit=cfg.eval_limit)
     qmodel = wrap_model(loaded.model, bits, profile)
+    if cfg.budget_mb is not None and not bits.mixed:
+        bits = BitsSpec(weight=8, act=8, mp_weight=8.0)  # the budget sets the average weight bits
     if cfg.qparams:
         qp = QParams.load(cfg.qparams)
+        if qp.bits != str(bits) and not bits.mixed:
+            raise UserError(f"{cfg.qparams} holds {qp.bits} parameters but --bits is {bits}")
         qp.validate(profile)
         load_qparams(qmodel, qp)
         log(f"using {cfg.qparams}")
@@ -146,10 +153,26 @@ def run(cfg: RunConfig, log=print) -> dict:
             f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images"
         )
         calibrate(qmodel, calib_x, cfg.range_method, cfg.percentile)
+        scfg = search_preset(cfg.search_preset, seed=cfg.seed, **cfg.search_overrides)
+        mixed = None
+        if bits.mixed:
+            w_budget = bits.mp_weight
+            if cfg.budget_mb is not None:
+                w_budget = min(w_budget, budget_to_weight_bits(qmodel, cfg.budget_mb, profile))
+            log(
+                f"allocating bits: average weight bits <= {w_budget:.2f}"
+                + (f", activation bits <= {bits.mp_act:g}" if bits.mp_act else "")
+            )
+            evaluate = model_evaluator(scfg, loaded.model, qmodel, calib_x)
+            mixed = asdict(allocate(qmodel, evaluate, profile, w_budget, bits.mp_act))
+            mixed["budget"] = {
+                "avg_weight_bits": w_budget,
+                "avg_act_bits": bits.mp_act,
+                "mb": cfg.budget_mb,
+            }
         header = {"model": loaded.name, "target": profile.name, "bits": str(bits)}
         search_record = None
         if cfg.calib == "clamp":
-            scfg = search_preset(cfg.search_preset, seed=cfg.seed, **cfg.search_overrides)
             log(f"searching ({cfg.search_preset}: {scfg.passes} passes x {scfg.cycles} cycles)")
             identity = {
                 "model": loaded.name,
@@ -193,6 +216,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                     "seed": cfg.seed,
                 },
                 "search": search_record,
+                "mixed_precision": mixed,
                 "profile": profile.to_dict(),
                 "bits_spec": bits.to_dict(),
                 "preprocess": pre.to_dict(),
@@ -243,6 +267,7 @@ def run(cfg: RunConfig, log=print) -> dict:
             "onnx_bytes": onnx_path.stat().st_size,
             "engine": engine,
         },
+        "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
         "notes": _notes(bits, profile.name),
         "config": asdict(cfg),
         "versions": versions(),
@@ -259,8 +284,25 @@ def run(cfg: RunConfig, log=print) -> dict:
     return report
 
 
+def _mixed_summary(qmodel, profile) -> dict:
+    a = summarize(qmodel, profile)
+    return {
+        "avg_weight_bits": a.avg_weight_bits,
+        "avg_act_bits": a.avg_act_bits,
+        "packed_mb": a.packed_mb,
+        "weight_bits": a.weight_bits,
+        "act_bits": a.act_bits,
+    }
+
+
 def _notes(bits: BitsSpec, target: str) -> list[str]:
     notes = []
+    if bits.mixed:
+        notes.append(
+            "Mixed precision: weights below 8 bits are stored in int8 containers (the ONNX holds "
+            "1 byte per weight); packed_mb is the size if they were packed at their widths."
+        )
+        return notes
     if target == "trt" and bits.weight < 8:
         notes.append(
             f"TensorRT has no INT{bits.weight}xINT8 kernel: W{bits.weight} weights run as INT8 "

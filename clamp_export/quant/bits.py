@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from clamp_export.errors import UserError
 
 _PATTERN = re.compile(r"^w([2-8])a([2-8])$")
+_MP_PATTERN = re.compile(r"^mp:(\d+(?:\.\d+)?)(?:x(\d+(?:\.\d+)?))?$")
 
 
 @dataclass(frozen=True)
@@ -21,17 +22,40 @@ class BitsSpec:
     weight: int
     act: int
     edge: int = 8
+    # mixed precision: per-layer bits chosen by the search under these averages (weight bits are
+    # averaged over parameters, activation bits over quant points); weight/act are the start
+    mp_weight: float | None = None
+    mp_act: float | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.mp_weight is not None
 
     @classmethod
     def parse(cls, text: str) -> BitsSpec:
-        m = _PATTERN.match(text.strip().lower())
+        t = text.strip().lower()
+        mp = _MP_PATTERN.match(t)
+        if mp:
+            w = float(mp.group(1))
+            a = float(mp.group(2)) if mp.group(2) else None
+            if not 2 <= w <= 8 or (a is not None and not 2 <= a <= 8):
+                raise UserError(
+                    f"malformed --bits {text!r}: mixed-precision averages must lie in 2..8"
+                )
+            return cls(weight=8, act=8, mp_weight=w, mp_act=a)
+        m = _PATTERN.match(t)
         if not m:
             raise UserError(
-                f"malformed --bits {text!r}: expected wXaY with X and Y from 2 to 8, e.g. w8a8 or w4a8"
+                f"malformed --bits {text!r}: expected wXaY with X and Y from 2 to 8 (e.g. w8a8, w4a8), "
+                "or mp:W / mp:WxA for mixed precision (e.g. mp:4.7, mp:4.7x6)"
             )
         return cls(weight=int(m.group(1)), act=int(m.group(2)))
 
     def __str__(self) -> str:
+        if self.mixed:
+            return f"mp:{self.mp_weight:g}" + (
+                f"x{self.mp_act:g}" if self.mp_act is not None else ""
+            )
         return f"w{self.weight}a{self.act}"
 
     def to_dict(self) -> dict:

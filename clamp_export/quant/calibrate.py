@@ -49,8 +49,8 @@ def calibrate_activations(
         else:
             lo, hi = q.observer.range(q.symmetric)
             q.observer = None
-        scale, zp = params_from_range(lo.reshape(1), hi.reshape(1), q.qmin, q.qmax, q.symmetric)
-        q.set_params(scale, zp)
+        q.calib_range = (lo.reshape(1), hi.reshape(1))
+        q.set_params(*params_from_range(*q.calib_range, q.qmin, q.qmax, q.symmetric))
     set_mode(qmodel, "quant")
 
 

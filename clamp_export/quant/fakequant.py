@@ -83,6 +83,18 @@ class Quantizer(nn.Module):
         self.mode = "off"
         self.observer = None
         self.exporting = False
+        self.calib_range: tuple[torch.Tensor, torch.Tensor] | None = None  # set by calibration
+
+    def set_bits(self, bits: int) -> None:
+        """Change the level count; parameters follow from the calibration range (mixed precision)."""
+        from clamp_export.quant.math import params_from_range
+
+        self.bits = bits
+        self.qmin, self.qmax = level_range(bits, self.signed)
+        if self.calib_range is not None:
+            self.set_params(
+                *params_from_range(*self.calib_range, self.qmin, self.qmax, self.symmetric)
+            )
 
     @property
     def is_weight(self) -> bool:
@@ -98,12 +110,15 @@ class Quantizer(nn.Module):
         )
 
     def load_point(self, p: QuantPoint, where: str) -> None:
-        if p.bits != self.bits or p.signed != self.signed or p.axis != self.axis:
+        """Bits come from the contract (mixed precision); signedness and axis must match."""
+        if p.signed != self.signed or p.axis != self.axis:
             raise UserError(
                 f"qparams entry {where} is {'int' if p.signed else 'uint'}{p.bits} axis={p.axis}, "
-                f"but the model was built for {'int' if self.signed else 'uint'}{self.bits} "
-                f"axis={self.axis}; re-run calibration with the same --bits and --target"
+                f"but the model was built for {'int' if self.signed else 'uint'} axis={self.axis}; "
+                "re-run calibration with the same --target"
             )
+        self.bits = p.bits
+        self.qmin, self.qmax = level_range(p.bits, p.signed)
         scale, zp = p.tensors()
         self.set_params(scale, zp)
 

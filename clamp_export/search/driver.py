@@ -109,6 +109,14 @@ def _evaluator(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches, stage: int
     return evaluate
 
 
+def model_evaluator(
+    cfg: SearchConfig, fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor
+):
+    """A callable scoring ``qmodel``'s whole-model fitness F on ``images`` (mixed precision uses it)."""
+    caches = _Caches(fp_model, qmodel, images)
+    return lambda: model_fitness(cfg, qmodel, caches)
+
+
 def model_fitness(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches) -> float:
     """F on the current data: every block's L_C2 plus L_O (what every layer search lowers)."""
     caches.invalidate()

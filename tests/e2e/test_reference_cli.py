@@ -76,14 +76,36 @@ def test_cli_trt_builds_engine(tmp_path):
 def test_full_clamp_pipeline_and_resume(tmp_path):
     """Stage 1 + Stage 2 through the CLI (fast presets), then --resume on the finished run."""
     out = tmp_path / "run"
-    common = ["fmnist_vit", "--bits", "w4a4", "--target", "trt", "--calib", "clamp", "--synth-preset", "fast",
-              "--search-preset", "fast", "--eval-data", "fmnist", "--eval-limit", "1000", "--no-engine",
-              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    common = [
+        "fmnist_vit",
+        "--bits",
+        "w4a4",
+        "--target",
+        "trt",
+        "--calib",
+        "clamp",
+        "--synth-preset",
+        "fast",
+        "--search-preset",
+        "fast",
+        "--eval-data",
+        "fmnist",
+        "--eval-limit",
+        "1000",
+        "--no-engine",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
     proc = run_cli(*common)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     meta = json.loads((out / "qparams.json").read_text())["metadata"]
-    assert meta["search"]["config"]["passes"] == 1 and meta["calibration"]["synth"]["config"]["method"] == "clamp"
+    assert (
+        meta["search"]["config"]["passes"] == 1
+        and meta["calibration"]["synth"]["config"]["method"] == "clamp"
+    )
     search = json.loads((out / "search.json").read_text())
     assert len(search["layers"]) == 32 and search["passes"][0]["fitness"] > 0
     assert report["agreement"]["ort"] >= 0.99

@@ -134,7 +134,17 @@ def test_lint_missing_and_non_onnx_file(tmp_path):
 
 def test_qparams_violating_target(tiny_weights, tmp_path):
     _, args = tiny_weights
-    ok = run_cli(*args, "--bits", "w8a8", "--target", "ort", "--calib", "noise", "--out", str(tmp_path / "ort"))
+    ok = run_cli(
+        *args,
+        "--bits",
+        "w8a8",
+        "--target",
+        "ort",
+        "--calib",
+        "noise",
+        "--out",
+        str(tmp_path / "ort"),
+    )
     assert ok.returncode == 0, ok.stderr
     qp = tmp_path / "ort" / "qparams.json"
     assert json.loads(qp.read_text())["target"] == "ort"
