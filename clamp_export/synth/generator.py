@@ -149,7 +149,7 @@ def generate(
             loss = cfg.w_patch * l_patch + cfg.w_ce * l_ce + cfg.w_tv * l_tv
             if not torch.isfinite(loss):
                 raise UserError(
-                    f"synthesis diverged: loss became {float(loss)} at step {step}; try a lower "
+                    f"synthesis diverged: loss became {loss.item()} at step {step}; try a lower "
                     "--lr (nothing was written)"
                 )
             opt.zero_grad(set_to_none=True)
