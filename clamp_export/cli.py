@@ -71,7 +71,10 @@ def cli() -> None:
 )
 @click.option("--target", default="ort", show_default=True, help="ort or trt.")
 @click.option(
-    "--calib", default="noise", show_default=True, help="noise, real, clamp-synth or psaq."
+    "--calib",
+    default="clamp",
+    show_default=True,
+    help="clamp (Stage 1 + Stage 2 search), clamp-synth, psaq, noise or real.",
 )
 @click.option(
     "--calib-data",

@@ -140,6 +140,8 @@ def main() -> None:
         "history": history,
         "torch": torch.__version__,
     }
+    if args.init and args.init.with_suffix(".json").is_file():  # chain the earlier run's record
+        record["init_record"] = json.loads(args.init.with_suffix(".json").read_text())
     (args.out / "fmnist_vit.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -65,6 +65,8 @@ class _DQWeight(torch.autograd.Function):
 
 
 _EXPORT_DTYPE = [torch.float32]
+_FP16_MIN_NORMAL = float(torch.finfo(torch.float16).tiny)
+_FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def _export_float_dtype() -> torch.dtype:
@@ -74,9 +76,17 @@ def _export_float_dtype() -> torch.dtype:
 class Quantizer(nn.Module):
     """One quant point: its levels, its parameters, and its mode."""
 
-    def __init__(self, bits: int, signed: bool, symmetric: bool, axis: int | None = None) -> None:
+    def __init__(
+        self,
+        bits: int,
+        signed: bool,
+        symmetric: bool,
+        axis: int | None = None,
+        store_dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.bits, self.signed, self.symmetric, self.axis = bits, signed, symmetric, axis
+        self.store_dtype = store_dtype  # the float type the deployed graph stores scales in
         self.qmin, self.qmax = level_range(bits, signed)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
@@ -101,7 +111,10 @@ class Quantizer(nn.Module):
         return self.axis is not None
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        self.scale = scale.detach().float().clone().to(self.scale.device)
+        scale = scale.detach().float()
+        if self.store_dtype == torch.float16:  # an FP16 graph holds FP16 scales: use exactly those
+            scale = scale.clamp(min=_FP16_MIN_NORMAL, max=_FP16_MAX).half().float()
+        self.scale = scale.clone().to(self.scale.device)
         self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
 
     def point(self) -> QuantPoint:
@@ -137,6 +150,8 @@ class Quantizer(nn.Module):
                 self.qmax,
                 self.signed,
             )
+        if self.store_dtype == torch.float16 and not self.is_weight:
+            x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -198,6 +213,8 @@ class QuantConv2d(_QuantWeighted):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_q.store_dtype == torch.float16 and not self.exporting:
+            x = x.half().float()  # an FP16 graph takes FP16 images
         x = self.input_q(x)
         w = self._export_weight() if self.exporting else self.weight_q(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -240,18 +257,26 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
     """A fake-quant copy of a timm VisionTransformer; the original is left untouched.
 
     The patch embedding and the head(s) keep ``bits.edge`` bits on input and weight (DESIGN §2).
+    Under an FP16 profile every float parameter and scale is rounded to FP16, as the deployed
+    graph stores them, so the fake-quant model computes what the engine computes.
     """
     from timm.models.vision_transformer import Attention
 
     qmodel = copy.deepcopy(model).eval()
+    store = torch.float16 if profile.float_dtype == "float16" else torch.float32
+    if store == torch.float16:
+        with torch.no_grad():
+            for t in list(qmodel.parameters()) + list(qmodel.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
 
     def act(fixed: bool = False, nbits: int = bits.act) -> Quantizer:
-        q = Quantizer(nbits, profile.act_signed, profile.act_symmetric)
+        q = Quantizer(nbits, profile.act_signed, profile.act_symmetric, store_dtype=store)
         q.fixed_range = (0.0, 1.0) if fixed else None
         return q
 
     def weight(nbits: int) -> Quantizer:
-        q = Quantizer(nbits, profile.weight_signed, profile.weight_symmetric, axis=0)
+        q = Quantizer(nbits, profile.weight_signed, profile.weight_symmetric, axis=0, store_dtype=store)
         q.fixed_range = None
         return q
 

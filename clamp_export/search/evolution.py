@@ -29,7 +29,7 @@ def read_genome(quantizers: list[Quantizer]) -> Genome:
 
 def install(quantizers: list[Quantizer], genome: Genome) -> None:
     for q, (s, z) in zip(quantizers, genome, strict=True):
-        q.scale, q.zero_point = s, z
+        q.set_params(s, z)  # applies the target's storage rounding (FP16 scales on trt)
 
 
 def mutate(

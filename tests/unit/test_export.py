@@ -115,3 +115,17 @@ def test_original_model_is_untouched(tiny_vit):
     after = tiny_vit.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert type(tiny_vit.blocks[0].attn).__name__ == "Attention"
+
+
+def test_fp16_profile_holds_what_the_fp16_graph_holds(tiny_vit):
+    """Under trt, scales and float parameters are FP16 values, exactly as the graph stores them."""
+    qm = calibrate(wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("trt")), noise_images(8, PRE))
+    from clamp_export.quant.fakequant import quantizers
+
+    for _, _, q in quantizers(qm):
+        assert torch.equal(q.scale, q.scale.half().float())
+    for p in qm.parameters():
+        assert torch.equal(p, p.half().float())
+    # the ort profile keeps FP32 parameters untouched
+    qo = wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("ort"))
+    assert torch.equal(qo.blocks[0].mlp.fc1.weight, tiny_vit.blocks[0].mlp.fc1.weight)
