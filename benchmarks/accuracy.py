@@ -12,7 +12,6 @@ Prints a table and writes benchmarks/results/accuracy.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
+from common import base_parser, calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.data.sources import load_images  # noqa: E402
@@ -47,19 +46,10 @@ CLAMP = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="fmnist_vit")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--bits", default=",".join(LADDER))
-    ap.add_argument("--targets", default="ort,trt")
+    ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP)))
     ap.add_argument("--synth-preset", default="default")
     ap.add_argument("--search-preset", default="default")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--eval-limit", type=int)
-    ap.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     args = ap.parse_args()
 
     loaded = load_model(args.model)

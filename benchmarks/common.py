@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,3 +57,18 @@ def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str
         progress=False,
     )
     return res.images, {"seconds": time.time() - t, "misprediction_rate": res.misprediction_rate}
+
+
+def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.ArgumentParser:
+    """Flags every accuracy benchmark takes: model, seeds, ladder, targets, images, output."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="fmnist_vit")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bits", default=",".join(bits))
+    ap.add_argument("--targets", default="ort,trt")
+    ap.add_argument("--n", type=int, default=32, help="calibration images")
+    ap.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    ap.add_argument("--out", type=Path, default=out)
+    return ap

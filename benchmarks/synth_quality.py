@@ -12,14 +12,13 @@ Prints a table and writes benchmarks/results/synth_quality.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
+from common import base_parser, calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.data.sources import load_images  # noqa: E402
@@ -37,22 +36,10 @@ SOURCES = ("noise", "psaq", "clamp", "real")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--model", default="fmnist_vit")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--bits", default=",".join(LADDER))
-    ap.add_argument("--targets", default="ort,trt")
+    ap = base_parser(__doc__, LADDER, RESULTS / "synth_quality.json")
     ap.add_argument("--ranges", default="minmax,percentile")
     ap.add_argument("--sources", default=",".join(SOURCES))
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--eval-limit", type=int)
-    ap.add_argument(
-        "--cache-dir", default=None, help="reuse synthetic sets from here (default: none)"
-    )
-    ap.add_argument("--out", type=Path, default=RESULTS / "synth_quality.json")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
 

@@ -32,6 +32,48 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise UserError(f"malformed {flag} {text!r}: expected comma-separated numbers") from None
 
 
+_MODEL_OPTIONS = [
+    click.option(
+        "--weights",
+        type=click.Path(dir_okay=False),
+        help=".safetensors, .pth/.pt or timm checkpoint.",
+    ),
+    click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Passed to timm.create_model.",
+    ),
+    click.option("--num-classes", type=int),
+    click.option("--img-size", type=int),
+    click.option("--in-chans", type=int),
+    click.option("--mean", help="Comma-separated per-channel mean (overrides the model's)."),
+    click.option("--std", help="Comma-separated per-channel std."),
+]
+
+
+def model_options(f):
+    """The options that say which model and weights, shared by every command that loads one."""
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _model_kwargs(kw: dict) -> dict:
+    from clamp_export.models import parse_model_args
+
+    return dict(
+        weights=kw["weights"],
+        num_classes=kw["num_classes"],
+        img_size=kw["img_size"],
+        in_chans=kw["in_chans"],
+        model_args=parse_model_args(kw["model_args"]),
+        mean=_floats(kw["mean"], "--mean"),
+        std=_floats(kw["std"], "--std"),
+    )
+
+
 @click.group(cls=_DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="clamp-export")
 def cli() -> None:
@@ -45,21 +87,7 @@ def cli() -> None:
 
 @cli.command(DEFAULT_COMMAND)
 @click.argument("model")
-@click.option(
-    "--weights", type=click.Path(dir_okay=False), help=".safetensors, .pth/.pt or timm checkpoint."
-)
-@click.option(
-    "--model-arg",
-    "model_args",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Passed to timm.create_model.",
-)
-@click.option("--num-classes", type=int)
-@click.option("--img-size", type=int)
-@click.option("--in-chans", type=int)
-@click.option("--mean", help="Comma-separated per-channel mean (overrides the model's).")
-@click.option("--std", help="Comma-separated per-channel std.")
+@model_options
 @click.option(
     "--bits",
     default="w8a8",
@@ -117,20 +145,13 @@ def cli() -> None:
 @click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
 def quantize(**kw) -> None:
     """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
-    from clamp_export.models import parse_model_args
     from clamp_export.pipeline import RunConfig, run, summary_table
 
     cfg = RunConfig(
         model=kw["model"],
         bits=kw["bits"],
         target=kw["target"],
-        weights=kw["weights"],
-        num_classes=kw["num_classes"],
-        img_size=kw["img_size"],
-        in_chans=kw["in_chans"],
-        model_args=parse_model_args(kw["model_args"]),
-        mean=_floats(kw["mean"], "--mean"),
-        std=_floats(kw["std"], "--std"),
+        **_model_kwargs(kw),
         calib=kw["calib"],
         calib_data=kw["calib_data"],
         calib_size=kw["calib_size"],
@@ -155,11 +176,7 @@ def quantize(**kw) -> None:
 
 @cli.command("synth")
 @click.argument("model")
-@click.option("--weights", type=click.Path(dir_okay=False))
-@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
-@click.option("--num-classes", type=int)
-@click.option("--img-size", type=int)
-@click.option("--in-chans", type=int)
+@model_options
 @click.option("--method", default="clamp", show_default=True, help="clamp, psaq or noise.")
 @click.option("--n", default=32, show_default=True, type=int, help="Number of images.")
 @click.option(
@@ -177,7 +194,7 @@ def synth_cmd(**kw) -> None:
     from pathlib import Path
 
     from clamp_export.atomic import ensure_writable_dir
-    from clamp_export.models import load_model, parse_model_args
+    from clamp_export.models import load_model
     from clamp_export.synth import meta_of, preset, synthesize
     from clamp_export.synth.store import copy_set, write_files
 
@@ -191,14 +208,7 @@ def synth_cmd(**kw) -> None:
         seed=kw["seed"],
     )
     out = ensure_writable_dir(kw["out"])
-    loaded = load_model(
-        kw["model"],
-        kw["weights"],
-        num_classes=kw["num_classes"],
-        img_size=kw["img_size"],
-        in_chans=kw["in_chans"],
-        model_args=parse_model_args(kw["model_args"]),
-    )
+    loaded = load_model(kw["model"], **_model_kwargs(kw))
     cache = None if kw["no_cache"] else Path(kw["cache_dir"])
     result, folder = synthesize(loaded, cfg, cache, log=lambda m: click.echo(m, err=True))
     if folder is not None:

@@ -109,7 +109,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     loaded = load_model(
         cfg.model,
-        cfg.weights,
+        weights=cfg.weights,
         num_classes=cfg.num_classes,
         img_size=cfg.img_size,
         in_chans=cfg.in_chans,

@@ -276,7 +276,9 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
         return q
 
     def weight(nbits: int) -> Quantizer:
-        q = Quantizer(nbits, profile.weight_signed, profile.weight_symmetric, axis=0, store_dtype=store)
+        q = Quantizer(
+            nbits, profile.weight_signed, profile.weight_symmetric, axis=0, store_dtype=store
+        )
         q.fixed_range = None
         return q
 
