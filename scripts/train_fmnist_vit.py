@@ -1,6 +1,7 @@
 """Train the reference model ``fmnist_vit`` on Fashion-MNIST (DESIGN §7).
 
-Run once, not in CI:  .venv/bin/python scripts/train_fmnist_vit.py
+Run once, not in CI. One cosine cycle per call; ``scripts/train_fmnist_vit.sh`` chains the three
+cycles that made the shipped weights.
 Writes clamp_export/models/reference/fmnist_vit.safetensors and fmnist_vit.json (seed, epochs,
 time, test accuracy). The recipe is plain: AdamW, cosine with warm-up, label smoothing, random
 crop (pad 2) + horizontal flip. Fused attention is used for training speed only: it changes no
