@@ -94,6 +94,7 @@ class Quantizer(nn.Module):
         self.observer = None
         self.exporting = False
         self.calib_range: tuple[torch.Tensor, torch.Tensor] | None = None  # set by calibration
+        self._cached_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def set_bits(self, bits: int) -> None:
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
@@ -116,6 +117,7 @@ class Quantizer(nn.Module):
             scale = scale.clamp(min=_FP16_MIN_NORMAL, max=_FP16_MAX).half().float()
         self.scale = scale.clone().to(self.scale.device)
         self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
+        self._cached_weight = None
 
     def point(self) -> QuantPoint:
         return QuantPoint.from_tensors(
@@ -153,6 +155,21 @@ class Quantizer(nn.Module):
         if self.store_dtype == torch.float16 and not self.is_weight:
             x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight, reused until the parameters or the weight change.
+
+        The search re-runs every downstream layer for each candidate; only the searched layer's
+        weights change, so the others come from this cache.
+        """
+        if self.mode != "quant" or (w.requires_grad and torch.is_grad_enabled()):
+            return self(w)
+        c = self._cached_weight
+        if c is None or c[0] is not w or c[1] != w._version:
+            # a normal tensor (not an inference tensor), so autograd may read it later
+            with torch.inference_mode(False), torch.no_grad():
+                self._cached_weight = (w, w._version, self(w))
+        return self._cached_weight[2]
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Integer levels of ``w`` as int8 (the deployed initializer)."""
@@ -199,7 +216,7 @@ class QuantLinear(_QuantWeighted):
         if self.exporting:
             y = torch.matmul(x, self._export_weight())
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight_q(self.weight), self.bias)
+        return F.linear(x, self.weight_q.quantized_weight(self.weight), self.bias)
 
 
 class QuantConv2d(_QuantWeighted):
@@ -216,7 +233,7 @@ class QuantConv2d(_QuantWeighted):
         if self.input_q.store_dtype == torch.float16 and not self.exporting:
             x = x.half().float()  # an FP16 graph takes FP16 images
         x = self.input_q(x)
-        w = self._export_weight() if self.exporting else self.weight_q(self.weight)
+        w = self._export_weight() if self.exporting else self.weight_q.quantized_weight(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

@@ -70,6 +70,8 @@ def fake_quantize(
     axis: int | None = None,
 ) -> torch.Tensor:
     """dequantize(quantize(x)), with a straight-through gradient."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no autograd bookkeeping to pay for
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis)
     return _RoundSTE.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
