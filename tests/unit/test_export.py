@@ -119,7 +119,9 @@ def test_original_model_is_untouched(tiny_vit):
 
 def test_fp16_profile_holds_what_the_fp16_graph_holds(tiny_vit):
     """Under trt, scales and float parameters are FP16 values, exactly as the graph stores them."""
-    qm = calibrate(wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("trt")), noise_images(8, PRE))
+    qm = calibrate(
+        wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("trt")), noise_images(8, PRE)
+    )
     from clamp_export.quant.fakequant import quantizers
 
     for _, _, q in quantizers(qm):
