@@ -79,7 +79,7 @@ def test_full_clamp_pipeline_and_resume(tmp_path):
     common = [
         "fmnist_vit",
         "--bits",
-        "w4a4",
+        "w4a8",
         "--target",
         "trt",
         "--calib",
@@ -112,5 +112,5 @@ def test_full_clamp_pipeline_and_resume(tmp_path):
     again = run_cli(*common, "--resume")
     assert again.returncode == 0, again.stderr
     assert "reusing cached synthetic set" in again.stderr
-    other = run_cli(*[a if a != "w4a4" else "w4a8" for a in common], "--resume")
+    other = run_cli(*[a if a != "w4a8" else "w8a8" for a in common], "--resume")
     assert other.returncode == 2 and "cannot resume" in other.stderr
