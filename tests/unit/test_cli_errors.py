@@ -16,7 +16,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        timeout=300,
+        timeout=900,  # generous: a loaded CI machine can be several times slower
     )
 
 
