@@ -23,8 +23,6 @@ from clamp_export.quant.math import fake_quantize, level_range, quantize
 from clamp_export.quant.qparams import WEIGHT_ROLE, QParams, QuantPoint
 from clamp_export.quant.targets import TargetProfile
 
-_ONNX_FLOAT = {torch.float32: torch.float32, torch.float16: torch.float16}
-
 
 class _QDQ(torch.autograd.Function):
     """Activation fake-quant that exports as [Clip →] QuantizeLinear → DequantizeLinear."""
@@ -367,7 +365,7 @@ def collect_qparams(qmodel: nn.Module, **header) -> QParams:
 def exporting(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
     """Trace-friendly mode: activations become Q/DQ ops and weights int8 initializers."""
     flagged = [m for m in model.modules() if isinstance(m, (_QuantWeighted, Quantizer))]
-    _EXPORT_DTYPE[0] = _ONNX_FLOAT[dtype]
+    _EXPORT_DTYPE[0] = dtype
     for m in flagged:
         m.exporting = True
         if isinstance(m, _QuantWeighted):

@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from clamp_export.errors import UserError
-
-
-class Runner(Protocol):
-    name: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchRunner:
