@@ -13,27 +13,32 @@ Prints a table and writes benchmarks/results/accuracy.json.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
+from common import (  # noqa: E402
+    Cells,
+    base_parser,
+    calibration_images,
+    cell_key,
+    evaluate_cell,
+    fmt_pct,
+    mean_std,
+    print_table,
+    quantized_model,
+    top1,
+)
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.data.sources import load_images  # noqa: E402
 from clamp_export.models import load_model  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
-from clamp_export.quant.bits import BitsSpec  # noqa: E402
-from clamp_export.quant.calibrate import calibrate  # noqa: E402
-from clamp_export.quant.fakequant import wrap_model  # noqa: E402
-from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
-from clamp_export.search import run_search  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4")
+LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4", "mp:4.7", "mp:3.5")
 BASELINES = tuple(
     f"{s}-{r}" for s in ("noise", "psaq", "clamp-synth", "real") for r in ("minmax", "percentile")
 )
@@ -60,46 +65,48 @@ def main() -> None:
     methods = args.methods.split(",")
     acc: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
+    cells = Cells(args.cells, args.fresh)
     for seed in seeds:
         images: dict[str, tuple] = {}
-
-        def source(name: str, images=images, seed=seed):
-            if name not in images:
-                images[name] = calibration_images(loaded, name, args.n, seed, args.synth_preset)
-            return images[name]
-
         for target in args.targets.split(","):
-            profile = get_profile(target)
             for bits in args.bits.split(","):
                 for method in methods:
-                    t = time.time()
+                    search = None
                     if method in CLAMP:
-                        calib, gen = source("clamp")
-                        qm = calibrate(
-                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib
-                        )
-                        cfg = search_preset(args.search_preset, seed=seed, **CLAMP[method])
-                        header = {"model": args.model, "target": target, "bits": bits}
-                        run_search(
-                            loaded.model,
-                            qm,
-                            calib,
-                            cfg,
-                            header,
-                            loaded.preprocess.pixel_bounds(),
-                            progress=False,
-                        )
+                        src, rng = "clamp", "minmax"
+                        search = search_preset(args.search_preset, seed=seed, **CLAMP[method])
                     else:
                         src, rng = method.rsplit("-", 1)
-                        calib, gen = source("clamp" if src == "clamp-synth" else src)
-                        qm = calibrate(
-                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib, rng
+                        src = "clamp" if src == "clamp-synth" else src
+                    if src not in images:
+                        images[src] = calibration_images(
+                            loaded, src, args.n, seed, args.synth_preset
                         )
-                    key = f"{method}|{target}|{bits}"
-                    acc.setdefault(key, []).append(top1(qm, x_test, y_test))
-                    seconds.setdefault(method, []).append(time.time() - t + gen["seconds"])
+                    calib, gen = images[src]
+                    key = cell_key(
+                        loaded,
+                        x_test,
+                        n=args.n,
+                        seed=seed,
+                        source=src,
+                        synth_preset=args.synth_preset,
+                        target=target,
+                        bits=bits,
+                        method=rng if search is None else method,
+                        **({} if search is None else {"search": search.to_dict()}),
+                    )
+                    rec = evaluate_cell(
+                        cells,
+                        key,
+                        lambda: quantized_model(loaded, bits, target, calib, rng, search),  # noqa: B023
+                        x_test,
+                        y_test,
+                    )
+                    cell = f"{method}|{target}|{bits}"
+                    acc.setdefault(cell, []).append(rec["top1"])
+                    seconds.setdefault(method, []).append(rec["seconds"] + gen["seconds"])
                     print(
-                        f"  seed {seed} {target} {bits} {method}: {100 * acc[key][-1]:.2f}%",
+                        f"  seed {seed} {target} {bits} {method}: {100 * rec['top1']:.2f}%",
                         flush=True,
                     )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +42,6 @@ def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str
 
     ``source`` is ``real`` (n random Fashion-MNIST training images) or a Stage 1 method.
     """
-    import time
-
     from clamp_export.data.sources import load_images
     from clamp_export.synth import preset, synthesize
 
@@ -49,14 +49,16 @@ def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str
         images, _ = load_images("fmnist-train", loaded.preprocess, limit=n, seed=seed, shuffle=True)
         return images, {"seconds": 0.0, "misprediction_rate": None}
     t = time.time()
+    # the project's synthetic-set cache: benchmarks share sets, and report the generation time
+    # the set took when it was made
     res, _ = synthesize(
         loaded,
         preset(synth_preset, method=source, n=n, seed=seed),
-        None,
         log=lambda m: None,
         progress=False,
     )
-    return res.images, {"seconds": time.time() - t, "misprediction_rate": res.misprediction_rate}
+    seconds = res.seconds if res.cached else time.time() - t
+    return res.images, {"seconds": seconds, "misprediction_rate": res.misprediction_rate}
 
 
 def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.ArgumentParser:
@@ -71,4 +73,85 @@ def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.Argument
     ap.add_argument("--n", type=int, default=32, help="calibration images")
     ap.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument(
+        "--cells",
+        type=Path,
+        default=out.parent / "cells.jsonl",
+        help="per-cell results shared by the benchmarks (reused unless --fresh)",
+    )
+    ap.add_argument("--fresh", action="store_true", help="recompute every cell")
     return ap
+
+
+class Cells:
+    """Benchmark results, one JSON line per cell, keyed by everything that decides the number.
+
+    The Stage 1 and Stage 2 benchmarks share their baseline cells through one file, and a sweep
+    that is stopped resumes where it left off. A line cut short by a kill is skipped on reading.
+    Changing the code does not change a key: pass ``--fresh`` after such a change.
+    """
+
+    def __init__(self, path: Path, fresh: bool = False) -> None:
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.is_file() and not fresh:
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.records[json.dumps(rec["key"], sort_keys=True)] = rec["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def get_or_run(self, key: dict, run) -> dict:
+        k = json.dumps(key, sort_keys=True)
+        if k not in self.records:
+            self.records[k] = run()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "value": self.records[k]}, sort_keys=True) + "\n")
+        return self.records[k]
+
+
+def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None):
+    """Calibrated fake-quant model; ``search`` (a SearchConfig) runs Stage 2 on ``calib``.
+
+    Mixed precision allocates bits with the search fitness on the same images, for every method,
+    so baselines and CLAMP compare at the same allocation procedure.
+    """
+    from clamp_export.quant.bits import BitsSpec
+    from clamp_export.quant.calibrate import calibrate
+    from clamp_export.quant.fakequant import wrap_model
+    from clamp_export.quant.targets import get_profile
+    from clamp_export.search import preset, run_search
+    from clamp_export.search.mixed import allocate_bits
+
+    spec, profile = BitsSpec.parse(bits), get_profile(target)
+    qm = calibrate(wrap_model(loaded.model, spec, profile), calib, rng)
+    if spec.mixed:
+        allocate_bits(spec, loaded.model, qm, calib, search or preset("default"), profile)
+    if search is not None:
+        header = {"model": loaded.name, "target": target, "bits": bits}
+        bounds = loaded.preprocess.pixel_bounds()
+        run_search(loaded.model, qm, calib, search, header, bounds, progress=False)
+    return qm
+
+
+def cell_key(loaded, x_test, **fields) -> dict:
+    return {
+        "model": loaded.name,
+        "weights_sha256": loaded.weights_sha256,
+        "eval_images": len(x_test),
+        **fields,
+    }
+
+
+def evaluate_cell(cells: Cells, key: dict, build, x_test, y_test) -> dict:
+    """{top1, seconds} of the model ``build()`` returns (seconds = building it, not evaluating)."""
+
+    def run() -> dict:
+        t = time.time()
+        qm = build()
+        seconds = time.time() - t
+        return {"top1": top1(qm, x_test, y_test), "seconds": seconds}
+
+    return cells.get_or_run(key, run)

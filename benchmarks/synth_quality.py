@@ -18,16 +18,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, calibration_images, fmt_pct, mean_std, print_table, top1  # noqa: E402
+from common import (  # noqa: E402
+    Cells,
+    base_parser,
+    calibration_images,
+    cell_key,
+    evaluate_cell,
+    fmt_pct,
+    mean_std,
+    print_table,
+    quantized_model,
+    top1,
+)
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.data.sources import load_images  # noqa: E402
 from clamp_export.models import load_model  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
-from clamp_export.quant.bits import BitsSpec  # noqa: E402
-from clamp_export.quant.calibrate import calibrate  # noqa: E402
-from clamp_export.quant.fakequant import wrap_model  # noqa: E402
-from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.synth import preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,6 +56,7 @@ def main() -> None:
     fp32 = top1(loaded.model, x_test, y_test)
     print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%")
     seeds = [int(s) for s in args.seeds.split(",")]
+    cells = Cells(args.cells, args.fresh)
     acc: dict[str, list[float]] = {}
     gen_stats: dict[str, dict[str, list[float]]] = {}
     for source in args.sources.split(","):
@@ -58,14 +66,29 @@ def main() -> None:
                 if v is not None:
                     gen_stats.setdefault(source, {}).setdefault(k, []).append(v)
             for target in args.targets.split(","):
-                profile = get_profile(target)
                 for bits in args.bits.split(","):
                     for rng in args.ranges.split(","):
-                        qm = calibrate(
-                            wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib, rng
+                        key = cell_key(
+                            loaded,
+                            x_test,
+                            n=args.n,
+                            seed=seed,
+                            source=source,
+                            synth_preset=args.preset,
+                            target=target,
+                            bits=bits,
+                            method=rng,
                         )
-                        key = f"{source}|{target}|{bits}|{rng}"
-                        acc.setdefault(key, []).append(top1(qm, x_test, y_test))
+                        rec = evaluate_cell(
+                            cells,
+                            key,
+                            lambda b=bits, t=target, r=rng, c=calib: quantized_model(
+                                loaded, b, t, c, r
+                            ),
+                            x_test,
+                            y_test,
+                        )
+                        acc.setdefault(f"{source}|{target}|{bits}|{rng}", []).append(rec["top1"])
             print(f"  done: {source} seed {seed}", flush=True)
 
     header = ["target", "bits", "range", *args.sources.split(",")]

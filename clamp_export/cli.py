@@ -50,6 +50,11 @@ _MODEL_OPTIONS = [
     click.option("--in-chans", type=int),
     click.option("--mean", help="Comma-separated per-channel mean (overrides the model's)."),
     click.option("--std", help="Comma-separated per-channel std."),
+    click.option(
+        "--random-weights",
+        is_flag=True,
+        help="Randomly initialized model: for memory and speed checks only (accuracy is meaningless).",
+    ),
 ]
 
 
@@ -63,8 +68,11 @@ def model_options(f):
 def _model_kwargs(kw: dict) -> dict:
     from clamp_export.models import parse_model_args
 
+    if kw["random_weights"] and kw["weights"]:
+        raise UserError("--random-weights and --weights contradict each other; pass one of them")
     return dict(
         weights=kw["weights"],
+        random_init=kw["random_weights"],
         num_classes=kw["num_classes"],
         img_size=kw["img_size"],
         in_chans=kw["in_chans"],

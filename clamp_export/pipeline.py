@@ -27,8 +27,7 @@ from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreemen
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import preset as search_preset
 from clamp_export.search import run_search, write_search_json
-from clamp_export.search.driver import model_evaluator
-from clamp_export.search.mixed import allocate, budget_to_weight_bits, summarize
+from clamp_export.search.mixed import allocate_bits, summarize
 from clamp_export.synth import preset, synthesize
 
 CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
@@ -49,12 +48,14 @@ class RunConfig:
     model_args: dict = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    random_init: bool = False  # memory and speed checks without weights
     calib: str = "clamp"
     calib_data: str = "fmnist-train"
     calib_size: int = 32
     synth_preset: str = "default"
     search_preset: str = "default"
     search_overrides: dict = field(default_factory=dict)  # e.g. cyclic=False, fitness="output"
+    synth_overrides: dict = field(default_factory=dict)  # e.g. steps=10
     resume: bool = False
     budget_mb: float | None = None  # mixed precision under a model-size budget
     cache_dir: str | None = "calib"
@@ -116,6 +117,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         model_args=cfg.model_args,
         mean=cfg.mean,
         std=cfg.std,
+        random_init=cfg.random_init,
     )
     pre = loaded.preprocess
     eval_x = eval_y = None
@@ -139,7 +141,11 @@ def run(cfg: RunConfig, log=print) -> dict:
             )
         else:
             synth_cfg = preset(
-                cfg.synth_preset, method=SYNTH_METHOD[cfg.calib], n=cfg.calib_size, seed=cfg.seed
+                cfg.synth_preset,
+                method=SYNTH_METHOD[cfg.calib],
+                n=cfg.calib_size,
+                seed=cfg.seed,
+                **cfg.synth_overrides,
             )
             synth, _ = synthesize(loaded, synth_cfg, cfg.cache_dir and Path(cfg.cache_dir), log=log)
             calib_x = synth.images
@@ -156,20 +162,11 @@ def run(cfg: RunConfig, log=print) -> dict:
         scfg = search_preset(cfg.search_preset, seed=cfg.seed, **cfg.search_overrides)
         mixed = None
         if bits.mixed:
-            w_budget = bits.mp_weight
-            if cfg.budget_mb is not None:
-                w_budget = min(w_budget, budget_to_weight_bits(qmodel, cfg.budget_mb, profile))
             log(
-                f"allocating bits: average weight bits <= {w_budget:.2f}"
-                + (f", activation bits <= {bits.mp_act:g}" if bits.mp_act else "")
+                f"allocating bits for {bits}"
+                + (f" under {cfg.budget_mb:g} MB" if cfg.budget_mb else "")
             )
-            evaluate = model_evaluator(scfg, loaded.model, qmodel, calib_x)
-            mixed = asdict(allocate(qmodel, evaluate, profile, w_budget, bits.mp_act))
-            mixed["budget"] = {
-                "avg_weight_bits": w_budget,
-                "avg_act_bits": bits.mp_act,
-                "mb": cfg.budget_mb,
-            }
+            mixed = allocate_bits(bits, loaded.model, qmodel, calib_x, scfg, profile, cfg.budget_mb)
         header = {"model": loaded.name, "target": profile.name, "bits": str(bits)}
         search_record = None
         if cfg.calib == "clamp":

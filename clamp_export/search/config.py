@@ -22,6 +22,8 @@ class SearchConfig:
     tournament: int = 3
     mutation: float = 0.08  # std of the multiplicative (log-normal) noise on scales
     zp_mutation: float = 0.3  # chance that a zero-point moves by ±1 (asymmetric targets only)
+    # scale multipliers scanned per activation quantizer before the evolution, in the first pass
+    scan: tuple[float, ...] = (0.25, 0.4, 0.6, 0.8, 1.25)
     tau: float = 0.2  # temperature of the local contrastive loss L_C2
     w_contrastive: float = 1.0
     w_output: float = 1.0
@@ -51,6 +53,8 @@ class SearchConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown search config fields: {sorted(unknown)}")
+        if "scan" in d:  # JSON holds a list
+            d = {**d, "scan": tuple(d["scan"])}
         return cls(**d)
 
 

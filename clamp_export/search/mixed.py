@@ -10,14 +10,16 @@ The patch embedding and the head keep 8 bits (DESIGN §2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from clamp_export.errors import UserError
+from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.fakequant import QuantAttention, Quantizer, _QuantWeighted
 from clamp_export.quant.targets import TargetProfile
+from clamp_export.search.config import SearchConfig
 
 ARTIFACT_FLOAT_BYTES = {"float16": 2, "float32": 4}
 
@@ -135,6 +137,30 @@ def allocate(
             for n, q in quantizers.items():
                 q.set_bits(current[n])
     return summarize(qmodel, profile)
+
+
+def allocate_bits(
+    bits: BitsSpec,
+    fp_model: nn.Module,
+    qmodel: nn.Module,
+    images: torch.Tensor,
+    cfg: SearchConfig,
+    profile: TargetProfile,
+    budget_mb: float | None = None,
+) -> dict:
+    """Allocate a mixed ``bits`` spec (and/or a size budget) on calibrated ``qmodel``.
+
+    Returns the allocation with the budget it met, as the report records it.
+    """
+    from clamp_export.search.driver import model_evaluator
+
+    w_budget = bits.mp_weight
+    if budget_mb is not None:
+        w_budget = min(w_budget, budget_to_weight_bits(qmodel, budget_mb, profile))
+    evaluate = model_evaluator(cfg, fp_model, qmodel, images)
+    mixed = asdict(allocate(qmodel, evaluate, profile, w_budget, bits.mp_act))
+    mixed["budget"] = {"avg_weight_bits": w_budget, "avg_act_bits": bits.mp_act, "mb": budget_mb}
+    return mixed
 
 
 def summarize(qmodel: nn.Module, profile: TargetProfile) -> Allocation:

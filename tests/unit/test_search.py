@@ -1,5 +1,6 @@
 import ast
 import inspect
+import json
 
 import pytest
 import torch
@@ -141,3 +142,33 @@ def test_searched_model_exports_with_parity(tmp_path):
     x = noise_images(200, PRE, seed=9)
     ref, out = TorchRunner(fresh, "fq")(x), OrtRunner(tmp_path / "o.onnx")(x)
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.995
+
+
+def test_scan_reaches_a_range_that_mutation_cannot():
+    """A quantizer whose best scale is 4x below min-max: the scan lands on it, mutation alone not."""
+    from clamp_export.quant.fakequant import Quantizer
+    from clamp_export.search.evolution import evolve_layer
+
+    x = torch.cat([torch.linspace(0, 0.25, 999), torch.ones(1)])  # one outlier sets min-max
+    q = Quantizer(4, signed=True, symmetric=True)
+    q.set_params(torch.tensor([1 / 7]), torch.zeros(1, dtype=torch.int32))
+    q.mode = "quant"
+
+    def err() -> float:
+        return float((q(x) - x).abs().mean())
+
+    def search(scan) -> float:
+        q.set_params(torch.tensor([1 / 7]), torch.zeros(1, dtype=torch.int32))
+        _, after = evolve_layer(
+            [q], err, 2, 4, 2, 0.08, 0.0, torch.Generator().manual_seed(0), scan=scan
+        )
+        assert after == pytest.approx(err())  # the best genome is the one left installed
+        return float(q.scale)
+
+    assert search(()) > 1 / 7 * 0.7  # a few 8% steps stay near min-max
+    assert search((0.25, 0.4, 0.6, 0.8, 1.25)) < 1 / 7 * 0.5
+
+
+def test_scan_round_trips_through_json():
+    cfg = SearchConfig(scan=(0.5, 0.9))
+    assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
