@@ -1,10 +1,12 @@
 """Peak memory of the full pipeline (Stage 1 + Stage 2 + export + parity) on a large model.
 
-Runs ``clamp-export MODEL --random-weights`` under ``/usr/bin/time -v`` and reports its maximum
-resident set size and wall time. Peak memory is set by the batch (32 images), the model and the
-search's caches (one float output per block, one quantized stage input), not by how many steps or
-cycles run, so ``--synth-steps`` and the small search below keep a CPU run to minutes. Stage 1's
-default-preset time is extrapolated from the measured time per step.
+Runs the pipeline's stages on a randomly initialized model in a child process under
+``/usr/bin/time -v`` and reports its maximum resident set size and wall time. Peak memory is set by
+the batch (32 images), the model, the backward passes (Stage 1 steps, cyclic refinement) and the
+search's caches (one float output per block, one quantized stage input), not by how many steps,
+cycles or layers run. So ``--synth-steps`` and ``--layers`` (Stage 2 stopped after that many
+layers, each with one candidate and one image refinement) keep a CPU run to minutes, while every
+buffer is exercised at full size. Stage 1's default-preset time is extrapolated per step.
 
     .venv/bin/python benchmarks/memory.py [--model deit_s] [--synth-steps 8]
 
@@ -19,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from clamp_export import atomic
@@ -33,20 +36,49 @@ SMALL_SEARCH = {"passes": 1, "cycles": 1, "population": 2, "refresh_steps": 1, "
 
 
 def _child(args: argparse.Namespace) -> None:
-    from clamp_export.pipeline import RunConfig, run
+    """The pipeline's stages in order, with Stage 2 stopped after ``--layers`` layers."""
+    from clamp_export.export.qdq import export_qdq
+    from clamp_export.models import load_model
+    from clamp_export.quant.bits import BitsSpec
+    from clamp_export.quant.calibrate import calibrate
+    from clamp_export.quant.fakequant import wrap_model
+    from clamp_export.quant.targets import get_profile
+    from clamp_export.runtime.runners import OrtRunner, TorchRunner
+    from clamp_export.search import run_search
+    from clamp_export.synth import synthesize
 
-    cfg = RunConfig(
-        model=args.model,
-        bits=args.bits,
-        target=args.target,
-        random_init=True,
-        synth_overrides={"steps": args.synth_steps},
-        search_overrides=SMALL_SEARCH,
-        cache_dir=None,
-        out=args.out_dir,
-        build_engine=False,
+    t = {}
+    loaded = load_model(args.model, random_init=True)
+    pre, profile = loaded.preprocess, get_profile(args.target)
+    t0 = time.time()
+    synth, _ = synthesize(
+        loaded, synth_preset("default", steps=args.synth_steps), None, progress=False
     )
-    run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    t["stage1_s"] = time.time() - t0
+    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(args.bits), profile), synth.images)
+    t0 = time.time()
+    header = {"model": args.model, "target": args.target, "bits": args.bits}
+    cfg = search_preset("default", **SMALL_SEARCH)
+    run_search(
+        loaded.model,
+        qm,
+        synth.images,
+        cfg,
+        header,
+        pre.pixel_bounds(),
+        progress=False,
+        stop_after=args.layers,
+    )
+    t["stage2_s"] = time.time() - t0
+    t0 = time.time()
+    onnx_path = Path(args.out_dir) / "model.qdq.onnx"
+    export_qdq(qm, pre.input_size, profile, onnx_path)
+    x = synth.images
+    agree = float(
+        (OrtRunner(onnx_path)(x).argmax(1) == TorchRunner(qm, "fq")(x).argmax(1)).float().mean()
+    )
+    t["export_parity_s"] = time.time() - t0
+    Path(args.out_dir, "times.json").write_text(json.dumps({**t, "agreement": agree}))
 
 
 def main() -> None:
@@ -57,6 +89,7 @@ def main() -> None:
     ap.add_argument("--bits", default="w8a8")
     ap.add_argument("--target", default="ort")
     ap.add_argument("--synth-steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4, help="Stage 2 layers to run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
@@ -76,6 +109,7 @@ def main() -> None:
             f"--bits={args.bits}",
             f"--target={args.target}",
             f"--synth-steps={args.synth_steps}",
+            f"--layers={args.layers}",
             f"--out-dir={tmp}",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,10 +117,9 @@ def main() -> None:
             sys.exit(f"pipeline failed:\n{proc.stderr[-3000:]}")
         rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)[1])
         wall = re.search(r"Elapsed \(wall clock\) time.*: ([\d:.]+)", proc.stderr)[1]
-        qp = json.loads((Path(tmp) / "qparams.json").read_text())
+        times = json.loads((Path(tmp) / "times.json").read_text())
     wall_s = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
-    meta = qp["metadata"]
-    synth_s, search_s = meta["calibration"]["synth"]["seconds"], meta["search"]["seconds"]
+    synth_s, search_s = times["stage1_s"], times["stage2_s"]
     small = search_preset("default", **SMALL_SEARCH)
     per_step = synth_s / args.synth_steps
     est = {"stage1_default_s": per_step * synth_preset("default").steps}
@@ -95,11 +128,13 @@ def main() -> None:
         ("wall (measured run)", f"{wall_s:.0f} s"),
         ("Stage 1 per step (32 images)", f"{per_step:.2f} s"),
         ("Stage 1 default preset (estimate)", f"{est['stage1_default_s'] / 60:.1f} min"),
-        ("Stage 2, 1 candidate + 1 refinement per layer", f"{search_s:.0f} s"),
+        (f"Stage 2, {args.layers} layers x (1 candidate + 1 refinement)", f"{search_s:.0f} s"),
+        ("QDQ export + ORT parity", f"{times['export_parity_s']:.0f} s"),
+        ("ORT / fake-quant agreement (32 images)", f"{100 * times['agreement']:.1f}%"),
     ]
     print(f"{args.model} {args.bits} {args.target}, random weights, CPU")
     for k, v in rows:
-        print(f"  {k:36s} {v}")
+        print(f"  {k:48s} {v}")
     atomic.write_json(
         args.out or RESULTS / f"memory_{args.model}.json",
         {
@@ -110,6 +145,8 @@ def main() -> None:
             "wall_s": wall_s,
             "synth_steps": args.synth_steps,
             "search": small.to_dict(),
+            "search_layers": args.layers,
+            "times": times,
             "stage1_seconds": synth_s,
             "stage2_seconds": search_s,
             "per_step_s": per_step,
