@@ -151,3 +151,10 @@ def test_qparams_violating_target(tiny_weights, tmp_path):
     proc = run_cli(*args, "--target", "trt", "--qparams", str(qp), "--out", str(tmp_path / "o"))
     assert_clean_error(proc, "violate target 'trt'", "needs int8 levels")
     assert_nothing_written(tmp_path / "o")
+
+
+def test_random_weights_contradicts_weights(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    proc = run_cli(*args, "--random-weights", "--out", str(tmp_path / "o"))
+    assert_clean_error(proc, "--random-weights and --weights contradict")
+    assert_nothing_written(tmp_path / "o")
