@@ -78,11 +78,6 @@ def main() -> None:
                     else:
                         src, rng = method.rsplit("-", 1)
                         src = "clamp" if src == "clamp-synth" else src
-                    if src not in images:
-                        images[src] = calibration_images(
-                            loaded, src, args.n, seed, args.synth_preset
-                        )
-                    calib, gen = images[src]
                     key = cell_key(
                         loaded,
                         x_test,
@@ -95,6 +90,13 @@ def main() -> None:
                         method=rng if search is None else method,
                         **({} if search is None else {"search": search.to_dict()}),
                     )
+                    if args.cached_only and not cells.has(key):
+                        continue
+                    if src not in images:
+                        images[src] = calibration_images(
+                            loaded, src, args.n, seed, args.synth_preset
+                        )
+                    calib, gen = images[src]
                     rec = evaluate_cell(
                         cells,
                         key,
@@ -112,7 +114,7 @@ def main() -> None:
 
     header = ["target", "bits", *methods]
     rows = [
-        [t, b, *(fmt_pct(acc[f"{m}|{t}|{b}"]) for m in methods)]
+        [t, b, *(fmt_pct(acc.get(f"{m}|{t}|{b}", []), len(seeds)) for m in methods)]
         for t in args.targets.split(",")
         for b in args.bits.split(",")
     ]
@@ -122,7 +124,7 @@ def main() -> None:
     print_table(header, rows)
     print_table(
         ["method", "seconds (mean, incl. image generation)"],
-        [[m, f"{mean_std(seconds[m])[0]:.1f}"] for m in methods],
+        [[m, f"{mean_std(seconds[m])[0]:.1f}"] for m in methods if m in seconds],
     )
     atomic.write_json(
         args.out,

@@ -24,9 +24,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def fmt_pct(values: list[float]) -> str:
+def fmt_pct(values: list[float], expected: int | None = None) -> str:
+    """mean ± std in percent; says how many seeds when fewer than ``expected`` ran."""
+    if not values:
+        return "-"
     m, s = mean_std(values)
-    return f"{100 * m:.2f} ± {100 * s:.2f}"
+    more = f" (n={len(values)})" if expected and len(values) < expected else ""
+    return f"{100 * m:.2f} ± {100 * s:.2f}{more}"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -80,6 +84,11 @@ def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.Argument
         help="per-cell results shared by the benchmarks (reused unless --fresh)",
     )
     ap.add_argument("--fresh", action="store_true", help="recompute every cell")
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="compute nothing: tabulate the cells already stored ('-' where none)",
+    )
     return ap
 
 
@@ -101,6 +110,9 @@ class Cells:
                     self.records[json.dumps(rec["key"], sort_keys=True)] = rec["value"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
+
+    def has(self, key: dict) -> bool:
+        return json.dumps(key, sort_keys=True) in self.records
 
     def get_or_run(self, key: dict, run) -> dict:
         k = json.dumps(key, sort_keys=True)

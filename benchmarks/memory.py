@@ -8,7 +8,7 @@ cycles or layers run. So ``--synth-steps`` and ``--layers`` (Stage 2 stopped aft
 layers, each with one candidate and one image refinement) keep a CPU run to minutes, while every
 buffer is exercised at full size. Stage 1's default-preset time is extrapolated per step.
 
-    .venv/bin/python benchmarks/memory.py [--model deit_s] [--synth-steps 8]
+    .venv/bin/python benchmarks/memory.py [--model deit_s] [--synth-steps 4] [--layers 2]
 
 Prints a table and writes benchmarks/results/memory_<model>.json.
 """
@@ -88,8 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default="deit_s")
     ap.add_argument("--bits", default="w8a8")
     ap.add_argument("--target", default="ort")
-    ap.add_argument("--synth-steps", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=4, help="Stage 2 layers to run")
+    ap.add_argument("--synth-steps", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2, help="Stage 2 layers to run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)

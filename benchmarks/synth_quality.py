@@ -61,10 +61,13 @@ def main() -> None:
     gen_stats: dict[str, dict[str, list[float]]] = {}
     for source in args.sources.split(","):
         for seed in seeds:
-            calib, stats = calibration_images(loaded, source, args.n, seed, args.preset)
-            for k, v in stats.items():
-                if v is not None:
-                    gen_stats.setdefault(source, {}).setdefault(k, []).append(v)
+            loaded_set: list[tuple] = []  # generated on first need: --cached-only may need none
+
+            def calib_set(source=source, seed=seed, memo=loaded_set):
+                if not memo:
+                    memo.append(calibration_images(loaded, source, args.n, seed, args.preset))
+                return memo[0]
+
             for target in args.targets.split(","):
                 for bits in args.bits.split(","):
                     for rng in args.ranges.split(","):
@@ -79,16 +82,22 @@ def main() -> None:
                             bits=bits,
                             method=rng,
                         )
+                        if args.cached_only and not cells.has(key):
+                            continue
                         rec = evaluate_cell(
                             cells,
                             key,
-                            lambda b=bits, t=target, r=rng, c=calib: quantized_model(
-                                loaded, b, t, c, r
+                            lambda b=bits, t=target, r=rng: quantized_model(
+                                loaded, b, t, calib_set()[0], r
                             ),
                             x_test,
                             y_test,
                         )
                         acc.setdefault(f"{source}|{target}|{bits}|{rng}", []).append(rec["top1"])
+            if loaded_set:
+                for k, v in loaded_set[0][1].items():
+                    if v is not None:
+                        gen_stats.setdefault(source, {}).setdefault(k, []).append(v)
             print(f"  done: {source} seed {seed}", flush=True)
 
     header = ["target", "bits", "range", *args.sources.split(",")]
@@ -102,7 +111,7 @@ def main() -> None:
                         bits,
                         rng,
                         *(
-                            fmt_pct(acc[f"{s}|{target}|{bits}|{rng}"])
+                            fmt_pct(acc.get(f"{s}|{target}|{bits}|{rng}", []), len(seeds))
                             for s in args.sources.split(",")
                         ),
                     ]
