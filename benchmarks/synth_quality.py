@@ -62,6 +62,7 @@ def main() -> None:
     for source in args.sources.split(","):
         for seed in seeds:
             loaded_set: list[tuple] = []  # generated on first need: --cached-only may need none
+            cells_before = sum(map(len, acc.values()))
 
             def calib_set(source=source, seed=seed, memo=loaded_set):
                 if not memo:
@@ -94,8 +95,8 @@ def main() -> None:
                             y_test,
                         )
                         acc.setdefault(f"{source}|{target}|{bits}|{rng}", []).append(rec["top1"])
-            if loaded_set:
-                for k, v in loaded_set[0][1].items():
+            if sum(map(len, acc.values())) > cells_before:  # this set was used: its stats
+                for k, v in calib_set()[1].items():
                     if v is not None:
                         gen_stats.setdefault(source, {}).setdefault(k, []).append(v)
             print(f"  done: {source} seed {seed}", flush=True)
