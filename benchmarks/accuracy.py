@@ -53,7 +53,6 @@ CLAMP = {
 def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP)))
-    ap.add_argument("--synth-preset", default="default")
     ap.add_argument("--search-preset", default="default")
     args = ap.parse_args()
 
@@ -81,14 +80,13 @@ def main() -> None:
                     key = cell_key(
                         loaded,
                         x_test,
-                        n=args.n,
-                        seed=seed,
-                        source=src,
-                        synth_preset=args.synth_preset,
-                        target=target,
-                        bits=bits,
-                        method=rng if search is None else method,
-                        **({} if search is None else {"search": search.to_dict()}),
+                        args,
+                        seed,
+                        src,
+                        target,
+                        bits,
+                        method if search else rng,
+                        search,
                     )
                     if args.cached_only and not cells.has(key):
                         continue

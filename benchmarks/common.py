@@ -75,6 +75,7 @@ def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.Argument
     ap.add_argument("--bits", default=",".join(bits))
     ap.add_argument("--targets", default="ort,trt")
     ap.add_argument("--n", type=int, default=32, help="calibration images")
+    ap.add_argument("--synth-preset", default="default", help="Stage 1 preset")
     ap.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     ap.add_argument("--out", type=Path, default=out)
     ap.add_argument(
@@ -148,13 +149,23 @@ def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None
     return qm
 
 
-def cell_key(loaded, x_test, **fields) -> dict:
-    return {
+def cell_key(
+    loaded, x_test, args, seed: int, source: str, target: str, bits: str, method: str, search=None
+) -> dict:
+    """Everything that decides a cell's number (``search``: the Stage 2 config, if any)."""
+    key = {
         "model": loaded.name,
         "weights_sha256": loaded.weights_sha256,
         "eval_images": len(x_test),
-        **fields,
+        "n": args.n,
+        "seed": seed,
+        "source": source,
+        "synth_preset": args.synth_preset,
+        "target": target,
+        "bits": bits,
+        "method": method,
     }
+    return key if search is None else {**key, "search": search.to_dict()}
 
 
 def evaluate_cell(cells: Cells, key: dict, build, x_test, y_test) -> dict:

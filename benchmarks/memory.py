@@ -43,6 +43,7 @@ def _child(args: argparse.Namespace) -> None:
     from clamp_export.quant.calibrate import calibrate
     from clamp_export.quant.fakequant import wrap_model
     from clamp_export.quant.targets import get_profile
+    from clamp_export.report.parity import top1_agreement
     from clamp_export.runtime.runners import OrtRunner, TorchRunner
     from clamp_export.search import run_search
     from clamp_export.synth import synthesize
@@ -74,9 +75,7 @@ def _child(args: argparse.Namespace) -> None:
     onnx_path = Path(args.out_dir) / "model.qdq.onnx"
     export_qdq(qm, pre.input_size, profile, onnx_path)
     x = synth.images
-    agree = float(
-        (OrtRunner(onnx_path)(x).argmax(1) == TorchRunner(qm, "fq")(x).argmax(1)).float().mean()
-    )
+    agree = top1_agreement(OrtRunner(onnx_path)(x), TorchRunner(qm, "fq")(x))
     t["export_parity_s"] = time.time() - t0
     Path(args.out_dir, "times.json").write_text(json.dumps({**t, "agreement": agree}))
 

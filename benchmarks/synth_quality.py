@@ -5,7 +5,7 @@ upper anchor) and seed: calibrate fmnist_vit at each rung of the ladder, under t
 profiles, with min-max and with percentile ranges; report top-1 on the full 10k Fashion-MNIST
 test set as mean ± std over seeds, plus each generator's misprediction rate and time.
 
-    .venv/bin/python benchmarks/synth_quality.py [--seeds 0,1,2] [--preset default]
+    .venv/bin/python benchmarks/synth_quality.py [--seeds 0,1,2] [--synth-preset default]
 
 Prints a table and writes benchmarks/results/synth_quality.json.
 """
@@ -46,7 +46,6 @@ def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "synth_quality.json")
     ap.add_argument("--ranges", default="minmax,percentile")
     ap.add_argument("--sources", default=",".join(SOURCES))
-    ap.add_argument("--preset", default="default")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
 
@@ -66,23 +65,13 @@ def main() -> None:
 
             def calib_set(source=source, seed=seed, memo=loaded_set):
                 if not memo:
-                    memo.append(calibration_images(loaded, source, args.n, seed, args.preset))
+                    memo.append(calibration_images(loaded, source, args.n, seed, args.synth_preset))
                 return memo[0]
 
             for target in args.targets.split(","):
                 for bits in args.bits.split(","):
                     for rng in args.ranges.split(","):
-                        key = cell_key(
-                            loaded,
-                            x_test,
-                            n=args.n,
-                            seed=seed,
-                            source=source,
-                            synth_preset=args.preset,
-                            target=target,
-                            bits=bits,
-                            method=rng,
-                        )
+                        key = cell_key(loaded, x_test, args, seed, source, target, bits, rng)
                         if args.cached_only and not cells.has(key):
                             continue
                         rec = evaluate_cell(
@@ -134,9 +123,9 @@ def main() -> None:
             "fp32": fp32,
             "eval_images": len(x_test),
             "seeds": seeds,
-            "preset": args.preset,
+            "synth_preset": args.synth_preset,
             "synth_config": {
-                s: preset(args.preset, method=s).to_dict() for s in ("noise", "psaq", "clamp")
+                s: preset(args.synth_preset, method=s).to_dict() for s in ("noise", "psaq", "clamp")
             },
             "accuracy": {
                 k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}

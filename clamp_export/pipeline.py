@@ -55,7 +55,6 @@ class RunConfig:
     synth_preset: str = "default"
     search_preset: str = "default"
     search_overrides: dict = field(default_factory=dict)  # e.g. cyclic=False, fitness="output"
-    synth_overrides: dict = field(default_factory=dict)  # e.g. steps=10
     resume: bool = False
     budget_mb: float | None = None  # mixed precision under a model-size budget
     cache_dir: str | None = "calib"
@@ -145,7 +144,6 @@ def run(cfg: RunConfig, log=print) -> dict:
                 method=SYNTH_METHOD[cfg.calib],
                 n=cfg.calib_size,
                 seed=cfg.seed,
-                **cfg.synth_overrides,
             )
             synth, _ = synthesize(loaded, synth_cfg, cfg.cache_dir and Path(cfg.cache_dir), log=log)
             calib_x = synth.images
