@@ -93,6 +93,7 @@ class Quantizer(nn.Module):
         self.exporting = False
         self.calib_range: tuple[torch.Tensor, torch.Tensor] | None = None  # set by calibration
         self._cached_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._zp_is_zero = True  # set_params keeps it current; fake_quantize then skips the zp
 
     def set_bits(self, bits: int) -> None:
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
@@ -115,6 +116,7 @@ class Quantizer(nn.Module):
             scale = scale.clamp(min=_FP16_MIN_NORMAL, max=_FP16_MAX).half().float()
         self.scale = scale.clone().to(self.scale.device)
         self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
+        self._zp_is_zero = not bool(self.zero_point.any())
         self._cached_weight = None
 
     def point(self) -> QuantPoint:
@@ -152,7 +154,8 @@ class Quantizer(nn.Module):
             )
         if self.store_dtype == torch.float16 and not self.is_weight:
             x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
-        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        zp = None if self._zp_is_zero else self.zero_point
+        return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
 
     def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, reused until the parameters or the weight change.

@@ -81,6 +81,25 @@ def test_dequantize_and_fake_quant_agree():
     assert levels.min() >= 0 and levels.max() <= 15
 
 
+def test_fake_quant_fast_paths_match_the_reference_math():
+    """The in-place no-grad path and zero_point=None equal quantize -> dequantize bit for bit."""
+    x = torch.randn(4, 7, 6) * 3
+    s = torch.tensor([0.05, 0.2, 0.013, 0.4, 0.07, 0.11])
+    z = torch.tensor([0, 3, -2, 7, 0, -8], dtype=torch.int32)
+    for zp in (z, torch.zeros(6, dtype=torch.int32)):
+        expected = dequantize(quantize(x, s, zp, -8, 7, axis=-1), s, zp, axis=-1)
+        assert torch.equal(fake_quantize(x, s, zp, -8, 7, axis=-1), expected)
+        with torch.enable_grad():  # the autograd path agrees too
+            y = fake_quantize(x.clone().requires_grad_(True), s, zp, -8, 7, axis=-1)
+        assert torch.equal(y.detach(), expected)
+    zero = dequantize(quantize(x, s, torch.zeros(6), -8, 7, axis=-1), s, torch.zeros(6), axis=-1)
+    assert torch.equal(fake_quantize(x, s, None, -8, 7, axis=-1), zero)
+    with torch.enable_grad():
+        y = fake_quantize(x.clone().requires_grad_(True), s, None, -8, 7, axis=-1)
+    assert torch.equal(y.detach(), zero)
+    assert not torch.equal(zero, fake_quantize(x, s, z, -8, 7, axis=-1))  # z matters here
+
+
 def test_fake_quant_straight_through_gradient():
     x = torch.randn(10, requires_grad=True)
     fake_quantize(x, torch.tensor([0.1]), torch.tensor([0]), -8, 7).sum().backward()
