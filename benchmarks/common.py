@@ -35,11 +35,16 @@ def fmt_pct(values: list[float], expected: int | None = None) -> str:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, aligned for the terminal and ready to paste into the README."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    print(line(header))
+    print(line("-" * w for w in widths))
     for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+        print(line(r))
 
 
 def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str = "default"):
