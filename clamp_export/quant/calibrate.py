@@ -21,10 +21,8 @@ def calibrate_weights(qmodel: nn.Module) -> None:
         if isinstance(mod, _QuantWeighted):
             q = mod.weight_q
             w = mod.weight.detach().float().flatten(1)
-            scale, zp = params_from_range(
-                w.min(1).values, w.max(1).values, q.qmin, q.qmax, q.symmetric
-            )
-            q.set_params(scale, zp)
+            q.calib_range = (w.min(1).values, w.max(1).values)  # set_bits re-derives from it
+            q.set_params(*params_from_range(*q.calib_range, q.qmin, q.qmax, q.symmetric))
 
 
 @torch.no_grad()

@@ -99,12 +99,11 @@ class Quantizer(nn.Module):
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
         from clamp_export.quant.math import params_from_range
 
+        if self.calib_range is None:
+            raise RuntimeError("set_bits needs a calibrated quantizer (no calibration range)")
         self.bits = bits
         self.qmin, self.qmax = level_range(bits, self.signed)
-        if self.calib_range is not None:
-            self.set_params(
-                *params_from_range(*self.calib_range, self.qmin, self.qmax, self.symmetric)
-            )
+        self.set_params(*params_from_range(*self.calib_range, self.qmin, self.qmax, self.symmetric))
 
     @property
     def is_weight(self) -> bool:

@@ -13,7 +13,12 @@ from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import SearchConfig, run_search
 from clamp_export.search.driver import model_evaluator
-from clamp_export.search.mixed import allocate, budget_to_weight_bits, packed_mb
+from clamp_export.search.mixed import (
+    _block_points,
+    allocate,
+    budget_to_weight_bits,
+    packed_mb,
+)
 from tests.conftest import make_tiny
 
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
@@ -35,6 +40,39 @@ def test_bits_spec_parses_mixed_precision():
     assert str(BitsSpec.parse("MP:3.5")) == "mp:3.5" and BitsSpec.parse("mp:3.5").mp_act is None
     with pytest.raises(UserError, match="mixed-precision averages must lie in 2..8"):
         BitsSpec.parse("mp:1.5")
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_set_bits_equals_calibrating_at_those_bits(target):
+    """Re-widthing a calibrated model gives exactly the model calibrated at the new widths.
+
+    Regression: weight quantizers kept their 8-bit scale (clipping everything past 7/127 of the
+    range at 4 bits) and their cached fake-quant weight, so mp:4.7 and mp:3.5 measured the same.
+    """
+    model, x = make_tiny(), noise_images(8, PRE)
+    profile = get_profile(target)
+    qm = calibrate(wrap_model(model, BitsSpec.parse("w8a8"), profile), x)
+    ref = calibrate(wrap_model(model, BitsSpec.parse("w4a6"), profile), x)
+    with torch.inference_mode():
+        y8 = qm(x)  # fills the fake-quant weight caches at 8 bits
+        for name, mod in qm.named_modules():
+            if name.startswith("blocks.") and hasattr(mod, "weight_q"):
+                mod.weight_q.set_bits(4)
+        for _, q in _block_points(qm)[1]:
+            q.set_bits(6)
+        y4 = qm(x)
+        assert torch.equal(y4, ref(x))
+        assert not torch.equal(y4, y8)
+
+
+def test_allocation_follows_the_measured_cost():
+    """Two budgets give two models, and the tighter one costs more fitness."""
+    fits = []
+    for w in (6.0, 3.0):
+        model, qm, x, alloc = _mixed("trt", w, None)
+        fits.append(model_evaluator(CFG, model, qm, x)())
+        assert alloc.avg_weight_bits <= w + 1e-9
+    assert fits[1] > fits[0]
 
 
 @pytest.mark.parametrize("w,a", [(4.7, None), (3.5, 6.0)])
