@@ -19,7 +19,7 @@ from torch import nn
 
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BitsSpec
-from clamp_export.quant.math import fake_quantize, level_range, quantize
+from clamp_export.quant.math import fake_quantize, level_range, params_from_range, quantize
 from clamp_export.quant.qparams import WEIGHT_ROLE, QParams, QuantPoint
 from clamp_export.quant.targets import TargetProfile
 
@@ -97,8 +97,6 @@ class Quantizer(nn.Module):
 
     def set_bits(self, bits: int) -> None:
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
-        from clamp_export.quant.math import params_from_range
-
         if self.calib_range is None:
             raise RuntimeError("set_bits needs a calibrated quantizer (no calibration range)")
         self.bits = bits
