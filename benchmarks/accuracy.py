@@ -25,15 +25,13 @@ from common import (  # noqa: E402
     cell_key,
     evaluate_cell,
     fmt_pct,
+    load_reference,
     mean_std,
     print_table,
     quantized_model,
-    top1,
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.data.sources import load_images  # noqa: E402
-from clamp_export.models import load_model  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
 
@@ -50,16 +48,25 @@ CLAMP = {
 }
 
 
+def recipe(method: str, seed: int, search: str = "default"):
+    """(image source, range method, SearchConfig or None) for a method name of this benchmark."""
+    if method in CLAMP:
+        return "clamp", "minmax", search_preset(search, seed=seed, **CLAMP[method])
+    if method not in BASELINES:
+        raise SystemExit(
+            f"unknown method {method!r}; choose from {', '.join(BASELINES + tuple(CLAMP))}"
+        )
+    src, rng = method.rsplit("-", 1)
+    return ("clamp" if src == "clamp-synth" else src), rng, None
+
+
 def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP)))
     ap.add_argument("--search-preset", default="default")
     args = ap.parse_args()
 
-    loaded = load_model(args.model)
-    x_test, y_test = load_images("fmnist", loaded.preprocess, limit=args.eval_limit)
-    fp32 = top1(loaded.model, x_test, y_test)
-    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%", flush=True)
+    loaded, x_test, y_test, fp32 = load_reference(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     acc: dict[str, list[float]] = {}
@@ -70,13 +77,7 @@ def main() -> None:
         for target in args.targets.split(","):
             for bits in args.bits.split(","):
                 for method in methods:
-                    search = None
-                    if method in CLAMP:
-                        src, rng = "clamp", "minmax"
-                        search = search_preset(args.search_preset, seed=seed, **CLAMP[method])
-                    else:
-                        src, rng = method.rsplit("-", 1)
-                        src = "clamp" if src == "clamp-synth" else src
+                    src, rng, search = recipe(method, seed, args.search_preset)
                     key = cell_key(
                         loaded,
                         x_test,

@@ -71,6 +71,18 @@ def calibration_images(loaded, source: str, n: int, seed: int, synth_preset: str
     return res.images, {"seconds": seconds, "misprediction_rate": res.misprediction_rate}
 
 
+def load_reference(args) -> tuple:
+    """(loaded model, test images, test labels, FP32 top-1): the start of every accuracy benchmark."""
+    from clamp_export.data.sources import load_images
+    from clamp_export.models import load_model
+
+    loaded = load_model(args.model)
+    x_test, y_test = load_images("fmnist", loaded.preprocess, limit=args.eval_limit)
+    fp32 = top1(loaded.model, x_test, y_test)
+    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%", flush=True)
+    return loaded, x_test, y_test, fp32
+
+
 def base_parser(doc: str, bits: tuple[str, ...], out: Path) -> argparse.ArgumentParser:
     """Flags every accuracy benchmark takes: model, seeds, ladder, targets, images, output."""
     ap = argparse.ArgumentParser(

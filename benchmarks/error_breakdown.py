@@ -21,16 +21,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import BASELINES, CLAMP  # noqa: E402
-from common import base_parser, calibration_images, print_table, quantized_model, top1  # noqa: E402
+from accuracy import recipe  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    calibration_images,
+    load_reference,
+    print_table,
+    quantized_model,
+    top1,
+)
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.data.sources import load_images  # noqa: E402
-from clamp_export.models import load_model  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.fakequant import quantizers  # noqa: E402
 from clamp_export.quant.qparams import WEIGHT_ROLE  # noqa: E402
-from clamp_export.search import preset as search_preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INPUT_GROUPS = {
@@ -75,21 +79,11 @@ def main() -> None:
     ap.add_argument("--methods", default="clamp,noise-percentile")
     args = ap.parse_args()
 
-    loaded = load_model(args.model)
-    x_test, y_test = load_images("fmnist", loaded.preprocess, limit=args.eval_limit)
-    fp32 = top1(loaded.model, x_test, y_test)
-    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%", flush=True)
+    loaded, x_test, y_test, fp32 = load_reference(args)
     results: dict[str, dict[str, float]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
-            if method in CLAMP:
-                src, rng = "clamp", "minmax"
-                search = search_preset("default", seed=seed, **CLAMP[method])
-            elif method in BASELINES:
-                src, rng = method.rsplit("-", 1)
-                src, search = ("clamp" if src == "clamp-synth" else src), None
-            else:
-                raise SystemExit(f"unknown method {method!r}; one of {[*CLAMP, *BASELINES]}")
+            src, rng, search = recipe(method, seed)
             calib, _ = calibration_images(loaded, src, args.n, seed, args.synth_preset)
             for target in args.targets.split(","):
                 for bits in args.bits.split(","):

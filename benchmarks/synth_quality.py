@@ -25,15 +25,13 @@ from common import (  # noqa: E402
     cell_key,
     evaluate_cell,
     fmt_pct,
+    load_reference,
     mean_std,
     print_table,
     quantized_model,
-    top1,
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.data.sources import load_images  # noqa: E402
-from clamp_export.models import load_model  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.synth import preset  # noqa: E402
 
@@ -49,11 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(True)
 
-    loaded = load_model(args.model)
-    pre = loaded.preprocess
-    x_test, y_test = load_images("fmnist", pre, limit=args.eval_limit)
-    fp32 = top1(loaded.model, x_test, y_test)
-    print(f"{args.model} FP32 top-1 on {len(x_test)} test images: {100 * fp32:.2f}%")
+    loaded, x_test, y_test, fp32 = load_reference(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = Cells(args.cells, args.fresh)
     acc: dict[str, list[float]] = {}
