@@ -10,6 +10,7 @@ import sys
 import click
 
 from clamp_export.errors import UserError
+from clamp_export.search.config import FITNESS
 
 DEFAULT_COMMAND = "quantize"
 
@@ -132,7 +133,10 @@ def cli() -> None:
     "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."
 )
 @click.option(
-    "--fitness", default="both", show_default=True, help="both (L_C2 + L_O), output or contrastive."
+    "--fitness",
+    type=click.Choice(FITNESS),
+    help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
+    "paper's) or output (L_O).",
 )
 @click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out.")
 @click.option("--cache-dir", default="calib", show_default=True, help="Calibration artifact store.")

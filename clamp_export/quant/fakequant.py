@@ -92,7 +92,7 @@ class Quantizer(nn.Module):
         self.observer = None
         self.exporting = False
         self.calib_range: tuple[torch.Tensor, torch.Tensor] | None = None  # set by calibration
-        self._cached_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cached_weight: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
         self._zp_is_zero = True  # set_params keeps it current; fake_quantize then skips the zp
 
     def set_bits(self, bits: int) -> None:
@@ -163,10 +163,12 @@ class Quantizer(nn.Module):
         if self.mode != "quant" or (w.requires_grad and torch.is_grad_enabled()):
             return self(w)
         c = self._cached_weight
-        if c is None or c[0] is not w or c[1] != w._version:
+        # the storage pointer changes when .to() / .cuda() swaps a parameter's data in place
+        stamp = (w._version, w.data_ptr())
+        if c is None or c[0] is not w or c[1] != stamp:
             # a normal tensor (not an inference tensor), so autograd may read it later
             with torch.inference_mode(False), torch.no_grad():
-                self._cached_weight = (w, w._version, self(w))
+                self._cached_weight = (w, stamp, self(w))
         return self._cached_weight[2]
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -318,7 +320,7 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
         layer = getattr(qmodel, head, None)
         if isinstance(layer, nn.Linear):
             setattr(qmodel, head, linear(layer, bits.edge, in_bits=bits.edge))
-    return qmodel
+    return qmodel.to(next(model.parameters()).device)  # the new quantizers join the model's device
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, str, Quantizer]]:

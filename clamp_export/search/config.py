@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from clamp_export.errors import UserError
 
-FITNESS = ("both", "output", "contrastive")  # L_C2 + L_O, and the two ablations
+# L_C2 alone (the default), the paper's L_C2 + L_O, and L_O alone; benchmarks/accuracy.py measures all
+FITNESS = ("contrastive", "both", "output")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class SearchConfig:
     tau: float = 0.2  # temperature of the local contrastive loss L_C2
     w_contrastive: float = 1.0
     w_output: float = 1.0
-    fitness: str = "both"
+    # L_C2 only: on fmnist_vit W4A4 it beats L_C2 + L_O by 0.7 pt on both profiles (README)
+    fitness: str = "contrastive"
     cyclic: bool = True  # refine the synthetic images every C/2 cycles
     refresh_steps: int = 3
     refresh_lr: float = 0.02

@@ -158,7 +158,7 @@ def refine_images(
     refinements drift into adversarial inputs (measured on fmnist_vit W4A4 trt: 77.8% top-1
     against 85.3% without cyclic adaptation), and the search then fits its ranges to them.
     """
-    lo, hi = pre_bounds
+    lo, hi = (b.to(images.device) for b in pre_bounds)
     x = images.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.refresh_lr, betas=(0.5, 0.9))
     for p in qmodel.parameters():
@@ -226,7 +226,7 @@ def run_search(
             raise UserError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
         ckpt = _load_checkpoint(ckpt_path, identity)
         load_qparams(qmodel, QParams.from_dict(ckpt["qparams"]))
-        current = ckpt["images"]
+        current = ckpt["images"].to(images.device)
         start = ckpt["next"]
         log = SearchLog(**ckpt["log"])
     prior_seconds = log.seconds

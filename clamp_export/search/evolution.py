@@ -37,11 +37,14 @@ def mutate(
 ) -> Genome:
     out = []
     for (s, z), q in zip(genome, quantizers, strict=True):
-        s2 = s * torch.exp(sigma * torch.randn(s.shape, generator=gen))
+        # draws on the CPU generator, so a seed means the same mutations on any device
+        s2 = s * torch.exp(sigma * torch.randn(s.shape, generator=gen)).to(s.device)
         z2 = z
         if not q.symmetric:
-            move = (torch.rand(z.shape, generator=gen) < zp_rate).to(z.dtype)
-            sign = torch.where(torch.rand(z.shape, generator=gen) < 0.5, -1, 1).to(z.dtype)
+            move = (torch.rand(z.shape, generator=gen) < zp_rate).to(z.device, z.dtype)
+            sign = torch.where(torch.rand(z.shape, generator=gen) < 0.5, -1, 1).to(
+                z.device, z.dtype
+            )
             z2 = torch.clamp(z + move * sign, q.qmin, q.qmax)
         out.append((s2, z2))
     return out

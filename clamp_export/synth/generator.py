@@ -117,11 +117,12 @@ def generate(
     optimize = cfg.method != "noise" and cfg.steps > 0
     tap = float_tap(model, name) if optimize else None
     check_memory(model, pre, cfg.n, optimize)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    targets = torch.randint(0, model.num_classes, (cfg.n,), generator=gen)
-    lo, hi = pre.pixel_bounds()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # on the CPU: same images on any device
+    device = next(model.parameters()).device
+    targets = torch.randint(0, model.num_classes, (cfg.n,), generator=gen).to(device)
+    lo, hi = (b.to(device) for b in pre.pixel_bounds())
     # every method starts from the noise baseline's images: Gaussian, clamped to valid pixels
-    x = torch.max(torch.min(noise_images(cfg.n, pre, cfg.seed), hi), lo)
+    x = torch.max(torch.min(noise_images(cfg.n, pre, cfg.seed).to(device), hi), lo)
     result = SynthResult(images=x, targets=targets, config=cfg)
     if tap is None:
         result.seconds = time.time() - t0

@@ -63,8 +63,9 @@ def test_fitness_never_rises():
     assert any(rec["after"] < rec["before"] - 1e-6 for rec in log.layers)  # it does improve things
 
 
-def test_search_improves_on_min_max(tiny_vit):
-    model, qm, _, images, _ = _search(passes=2)
+def test_paper_fitness_lowers_output_error_below_min_max(tiny_vit):
+    # L_O is in the paper's fitness only; the default (L_C2 alone) is checked by the test above
+    model, qm, _, images, _ = _search(passes=2, fitness="both")
     base = calibrate(wrap_model(model, BitsSpec.parse("w4a4"), get_profile("ort")), images)
     with torch.no_grad():
         fp = model(images)
@@ -197,3 +198,20 @@ def test_refinement_gradient_in_two_passes_is_exact():
         tap.close()
     assert joint.grad.abs().max() > 0
     torch.testing.assert_close(split.grad, joint.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_weight_cache_follows_swapped_parameter_data():
+    """.to() / .cuda() replace a parameter's data without bumping its version: the search's
+    fake-quant weight cache must notice (it fed CPU weights to a CUDA conv before)."""
+    x = noise_images(4, PRE)
+    qm = calibrate(wrap_model(make_tiny(), BitsSpec.parse("w8a8"), get_profile("ort")), x)
+    with torch.no_grad():
+        before = qm(x)  # fills the caches
+        for mod in qm.modules():
+            if hasattr(mod, "weight_q"):
+                mod.weight.data = mod.weight.data * 0.5
+        swapped = qm(x)
+        for mod in qm.modules():
+            if hasattr(mod, "weight_q"):
+                mod.weight_q._cached_weight = None
+        assert torch.equal(swapped, qm(x)) and not torch.equal(swapped, before)
