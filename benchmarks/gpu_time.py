@@ -63,7 +63,8 @@ def main() -> None:
 
     profile = get_profile(args.target)
     t0 = _clock()
-    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(args.bits), profile), synth.images)
+    images = synth.images.cuda()
+    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(args.bits), profile), images)
     calib = _clock() - t0
     cfg = search_preset("default")
     layers = len(searchable_layers(qm))
@@ -77,7 +78,7 @@ def main() -> None:
             run_search(
                 loaded.model,
                 qm,
-                synth.images,
+                images,
                 cfg,
                 header,
                 loaded.preprocess.pixel_bounds(),

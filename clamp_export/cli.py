@@ -155,6 +155,12 @@ def cli() -> None:
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where Stage 1 and Stage 2 run: cpu, cuda or cuda:N (export and parity use the CPU).",
+)
 def quantize(**kw) -> None:
     """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
     from clamp_export.pipeline import RunConfig, run, summary_table
@@ -181,6 +187,7 @@ def quantize(**kw) -> None:
         out=kw["out"],
         seed=kw["seed"],
         build_engine=not kw["no_engine"],
+        device=kw["device"],
     )
     report = run(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(summary_table(report))

@@ -66,6 +66,7 @@ class RunConfig:
     out: str = "out"
     seed: int = 0
     build_engine: bool = True
+    device: str = "cpu"  # where Stage 1 and Stage 2 run; export and parity run on the CPU
 
 
 def versions() -> dict:
@@ -87,7 +88,28 @@ def versions() -> dict:
     return v
 
 
+def compute_device(name: str) -> torch.device:
+    """The torch device of ``--device``, refused up front when this machine cannot provide it."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown --device {name!r}; choose cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(
+                f"--device {name}: torch {torch.__version__} sees no CUDA GPU; install a CUDA "
+                "build of torch on a GPU machine, or use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {name}: only {count} CUDA GPU(s) visible (cuda:0..)")
+    return dev
+
+
 def _check(cfg: RunConfig) -> None:
+    compute_device(cfg.device)
     if cfg.calib not in CALIB_SOURCES:
         raise UserError(f"unknown --calib {cfg.calib!r}; choose one of: {', '.join(CALIB_SOURCES)}")
     if cfg.range_method not in RANGE_METHODS:
@@ -118,6 +140,8 @@ def run(cfg: RunConfig, log=print) -> dict:
         std=cfg.std,
         random_init=cfg.random_init,
     )
+    device = compute_device(cfg.device)
+    loaded.model.to(device)
     pre = loaded.preprocess
     eval_x = eval_y = None
     if cfg.eval_data:
@@ -153,6 +177,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "seconds": round(synth.seconds, 2),
                 "cached": synth.cached,
             }
+        calib_x = calib_x.to(device)
         log(
             f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images"
         )
@@ -220,6 +245,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         qp.validate(profile)
         qp.save(out / "qparams.json")
 
+    loaded.model.cpu(), qmodel.cpu()  # the deployed graph and its parity are CPU work
     onnx_path = out / "model.qdq.onnx"
     log(f"exporting {onnx_path} (opset {profile.opset}, {profile.float_dtype})")
     proto = export_qdq(qmodel, pre.input_size, profile, onnx_path)

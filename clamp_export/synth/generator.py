@@ -182,4 +182,6 @@ def generate(
 def _finish(result: SynthResult, model: nn.Module) -> SynthResult:
     pred = model.eval()(result.images).argmax(1)
     result.misprediction_rate = float((pred != result.targets).float().mean())
+    # on the CPU, as a set read from the cache is: callers move it where they compute
+    result.images, result.targets = result.images.cpu(), result.targets.cpu()
     return result

@@ -1,5 +1,7 @@
 """Stage 1 and Stage 2 run on the GPU when the model is there (runs where a GPU exists)."""
 
+import json
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from clamp_export.search import SearchConfig, driver, run_search
 from clamp_export.synth import preset as synth_preset
 from clamp_export.synth.generator import generate
 from tests.conftest import make_tiny
+from tests.unit.test_cli_errors import run_cli
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,17 +28,18 @@ HEADER = {"model": "tiny", "target": "trt", "bits": "w4a4"}
 def test_synthesis_search_and_resume_on_cuda(tmp_path):
     model = make_tiny().cuda()
     synth = generate(model, PRE, synth_preset("fast", n=8, steps=5), progress=False)
-    assert synth.images.is_cuda and len(synth.loss_curve) == 5
-    qm = calibrate(wrap_model(model, BitsSpec.parse("w4a4"), get_profile("trt")), synth.images)
+    assert synth.images.device.type == "cpu" and len(synth.loss_curve) == 5  # as when cached
+    x = synth.images.cuda()
+    qm = calibrate(wrap_model(model, BitsSpec.parse("w4a4"), get_profile("trt")), x)
     cfg = SearchConfig(passes=2, cycles=2, population=4)  # cyclic: image refinement on CUDA too
-    start = driver.model_evaluator(cfg, model, qm, synth.images)()
+    start = driver.model_evaluator(cfg, model, qm, x)()
     layers = 2 * len(driver.stages.searchable_layers(qm))
 
     def search(**kw):
         return run_search(
             model,
             qm,
-            synth.images,
+            x,
             cfg,
             HEADER,
             PRE.pixel_bounds(),
@@ -48,4 +52,29 @@ def test_synthesis_search_and_resume_on_cuda(tmp_path):
     qp, images, log = search(resume=True)
     assert images.is_cuda and len(log.layers) == layers and len(log.passes) == 2
     assert all(z == 0 for _, _, p in qp.points() for z in p.zero_point)
-    assert driver.model_evaluator(cfg, model, qm, synth.images)() < start
+    assert driver.model_evaluator(cfg, model, qm, x)() < start
+
+
+@pytest.mark.parametrize("bits", ["w4a8", "mp:5"])
+def test_cli_searches_on_cuda(tiny_weights, tmp_path, bits):
+    _, args = tiny_weights
+    out = tmp_path / "o"
+    proc = run_cli(
+        *args,
+        "--bits",
+        bits,
+        "--device",
+        "cuda",
+        "--synth-preset",
+        "fast",
+        "--search-preset",
+        "fast",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["agreement"]["ort"] >= 0.995
+    assert json.loads((out / "search.json").read_text())["passes"][0]["fitness"] > 0

@@ -56,6 +56,18 @@ def test_unknown_target(tiny_weights, tmp_path):
     )
 
 
+def test_unusable_device(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    assert_clean_error(
+        run_cli(*args, "--device", "tpu", "--out", str(tmp_path / "o")),
+        "unknown --device 'tpu'",
+        "cpu, cuda or cuda:N",
+    )
+    # no GPU here (or one GPU there): either way cuda:7 cannot be used
+    assert_clean_error(run_cli(*args, "--device", "cuda:7", "--out", str(tmp_path / "o")), "cuda:7")
+    assert_nothing_written(tmp_path / "o")
+
+
 def test_missing_weights(tmp_path):
     proc = run_cli(
         "fmnist_vit", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")
