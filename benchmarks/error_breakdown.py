@@ -107,6 +107,11 @@ def main() -> None:
             "fp32": fp32,
             "eval_images": len(x_test),
             "top1": results,
+            "search_config": {
+                m: cfg.to_dict()
+                for m in args.methods.split(",")
+                if (cfg := recipe(m, 0)[2]) is not None
+            },
             "versions": versions(),
         },
     )

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table
+
 from clamp_export import atomic
 from clamp_export.models import load_model
 from clamp_export.pipeline import versions
@@ -101,8 +104,7 @@ def main() -> None:
     ]
     gpu = torch.cuda.get_device_name()
     print(f"\n{args.model} {args.bits} {args.target}, random weights, {gpu}")
-    for k, v in rows:
-        print(f"  {k:40s} {v}")
+    print_table(["measure", "value"], [list(r) for r in rows])
     atomic.write_json(
         args.out or RESULTS / f"gpu_{args.model}.json",
         {

@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table
+
 from clamp_export import atomic
 from clamp_export.pipeline import versions
 from clamp_export.search import preset as search_preset
@@ -132,8 +135,7 @@ def main() -> None:
         ("ORT / fake-quant agreement (32 images)", f"{100 * times['agreement']:.1f}%"),
     ]
     print(f"{args.model} {args.bits} {args.target}, random weights, CPU")
-    for k, v in rows:
-        print(f"  {k:48s} {v}")
+    print_table(["measure", "value"], [list(r) for r in rows])
     atomic.write_json(
         args.out or RESULTS / f"memory_{args.model}.json",
         {
