@@ -66,6 +66,14 @@ def model_options(f):
     return f
 
 
+device_option = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where Stage 1 and Stage 2 run: cpu, cuda or cuda:N (export and parity use the CPU).",
+)
+
+
 def _model_kwargs(kw: dict) -> dict:
     from clamp_export.models import parse_model_args
 
@@ -155,12 +163,7 @@ def cli() -> None:
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="Where Stage 1 and Stage 2 run: cpu, cuda or cuda:N (export and parity use the CPU).",
-)
+@device_option
 def quantize(**kw) -> None:
     """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
     from clamp_export.pipeline import RunConfig, run, summary_table
@@ -208,11 +211,13 @@ def quantize(**kw) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--cache-dir", default="calib", show_default=True)
 @click.option("--no-cache", is_flag=True)
+@device_option
 def synth_cmd(**kw) -> None:
     """Stage 1: synthetic calibration images (images.safetensors, grid.png, synth.json)."""
     from pathlib import Path
 
     from clamp_export.atomic import ensure_writable_dir
+    from clamp_export.device import compute_device
     from clamp_export.models import load_model
     from clamp_export.synth import meta_of, preset, synthesize
     from clamp_export.synth.store import copy_set, write_files
@@ -226,8 +231,10 @@ def synth_cmd(**kw) -> None:
         tau=kw["tau"],
         seed=kw["seed"],
     )
+    device = compute_device(kw["device"])
     out = ensure_writable_dir(kw["out"])
     loaded = load_model(kw["model"], **_model_kwargs(kw))
+    loaded.model.to(device)
     cache = None if kw["no_cache"] else Path(kw["cache_dir"])
     result, folder = synthesize(loaded, cfg, cache, log=lambda m: click.echo(m, err=True))
     if folder is not None:

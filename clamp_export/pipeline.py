@@ -14,6 +14,7 @@ import torch
 from clamp_export import __version__, atomic
 from clamp_export.build import trt as trt_build
 from clamp_export.data.sources import load_images, noise_images
+from clamp_export.device import compute_device
 from clamp_export.errors import UserError
 from clamp_export.export.lint import lint
 from clamp_export.export.qdq import export_qdq
@@ -86,26 +87,6 @@ def versions() -> dict:
     if trt_name:
         v[trt_name] = getattr(trt_build.load_tensorrt(trt_name), "__version__", "?")
     return v
-
-
-def compute_device(name: str) -> torch.device:
-    """The torch device of ``--device``, refused up front when this machine cannot provide it."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown --device {name!r}; choose cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(
-                f"--device {name}: torch {torch.__version__} sees no CUDA GPU; install a CUDA "
-                "build of torch on a GPU machine, or use --device cpu"
-            )
-        if dev.index is not None and dev.index >= count:
-            raise UserError(f"--device {name}: only {count} CUDA GPU(s) visible (cuda:0..)")
-    return dev
 
 
 def _check(cfg: RunConfig) -> None:

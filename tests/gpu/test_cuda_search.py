@@ -78,3 +78,23 @@ def test_cli_searches_on_cuda(tiny_weights, tmp_path, bits):
     report = json.loads((out / "report.json").read_text())
     assert report["agreement"]["ort"] >= 0.995
     assert json.loads((out / "search.json").read_text())["passes"][0]["fitness"] > 0
+
+
+def test_synth_cli_on_cuda(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    out = tmp_path / "s"
+    proc = run_cli(
+        "synth",
+        *args,
+        "--n",
+        "4",
+        "--steps",
+        "5",
+        "--device",
+        "cuda",
+        "--no-cache",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images.safetensors", "synth.json"]

@@ -65,6 +65,8 @@ def test_unusable_device(tiny_weights, tmp_path):
     )
     # no GPU here (or one GPU there): either way cuda:7 cannot be used
     assert_clean_error(run_cli(*args, "--device", "cuda:7", "--out", str(tmp_path / "o")), "cuda:7")
+    synth = run_cli("synth", *args, "--device", "cuda:7", "--out", str(tmp_path / "o"))
+    assert_clean_error(synth, "cuda:7")
     assert_nothing_written(tmp_path / "o")
 
 
