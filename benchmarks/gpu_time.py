@@ -94,13 +94,14 @@ def main() -> None:
             print(f"Stage 2 pass {p + 1}/{cfg.passes}: {passes[-1]:.1f} s", flush=True)
     projected = passes + [passes[-1]] * (cfg.passes - len(passes))
     stage2 = sum(projected)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     rows = [
         ("Stage 1 (default preset)", f"{stage1:.1f} s"),
         ("min-max calibration", f"{calib:.1f} s"),
         (f"Stage 2 ({cfg.passes} passes x {layers} layers)", f"{stage2:.1f} s"),
         ("  passes measured", f"{len(passes)} of {cfg.passes}"),
         ("Stage 1 + Stage 2", f"{stage1 + stage2:.1f} s"),
-        ("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"),
+        ("peak GPU memory", f"{peak_gib:.2f} GiB"),
     ]
     gpu = torch.cuda.get_device_name()
     print(f"\n{args.model} {args.bits} {args.target}, random weights, {gpu}")
@@ -118,7 +119,7 @@ def main() -> None:
             "stage2_s": stage2,
             "stage2_projected_passes": cfg.passes - len(passes),
             "total_s": stage1 + stage2,
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gpu_gib": peak_gib,
             "synth_config": synth.config.to_dict(),
             "search_config": cfg.to_dict(),
             "versions": versions(),

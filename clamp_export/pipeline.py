@@ -90,7 +90,6 @@ def versions() -> dict:
 
 
 def _check(cfg: RunConfig) -> None:
-    compute_device(cfg.device)
     if cfg.calib not in CALIB_SOURCES:
         raise UserError(f"unknown --calib {cfg.calib!r}; choose one of: {', '.join(CALIB_SOURCES)}")
     if cfg.range_method not in RANGE_METHODS:
@@ -107,6 +106,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     """Run everything; returns the report (also written to OUT/report.json)."""
     t_start = time.time()
     _check(cfg)
+    device = compute_device(cfg.device)  # refused before anything is loaded or written
     bits, profile = BitsSpec.parse(cfg.bits), get_profile(cfg.target)
     out = atomic.ensure_writable_dir(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -121,7 +121,6 @@ def run(cfg: RunConfig, log=print) -> dict:
         std=cfg.std,
         random_init=cfg.random_init,
     )
-    device = compute_device(cfg.device)
     loaded.model.to(device)
     pre = loaded.preprocess
     eval_x = eval_y = None
@@ -226,7 +225,9 @@ def run(cfg: RunConfig, log=print) -> dict:
         qp.validate(profile)
         qp.save(out / "qparams.json")
 
-    loaded.model.cpu(), qmodel.cpu()  # the deployed graph and its parity are CPU work
+    # the deployed graph and its parity are CPU work
+    loaded.model.cpu()
+    qmodel.cpu()
     onnx_path = out / "model.qdq.onnx"
     log(f"exporting {onnx_path} (opset {profile.opset}, {profile.float_dtype})")
     proto = export_qdq(qmodel, pre.input_size, profile, onnx_path)
