@@ -1,9 +1,10 @@
 """Stage 2 accuracy: full CLAMP-ViT against every baseline, on the 10k Fashion-MNIST test set.
 
 Methods: noise / psaq / clamp-synth / real (32 train images) calibration with min-max and with
-percentile ranges; full CLAMP (Stage 1 + search + cyclic, fitness L_C2); and the ablations: the
-paper's L_C2 + L_O, with and without cyclic adaptation, and L_O only. Ladder W8A8 ... W3A4 under the ort and trt profiles, mean ± std
-over seeds, time per method.
+percentile ranges; full CLAMP (Stage 1 + search + cyclic, fitness L_C2, channel scan); the same
+search on the real images instead of Stage 1's; and the ablations: no channel scan, no cyclic
+adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only. Ladder W8A8 ... W3A4 and mixed precision
+under the ort and trt profiles, mean ± std over seeds, time per method.
 
     .venv/bin/python benchmarks/accuracy.py [--seeds 0,1,2] [--bits w4a4,w4a8] [--targets trt]
 
@@ -40,18 +41,27 @@ LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4", "mp:4.7", "mp:3.5")
 BASELINES = tuple(
     f"{s}-{r}" for s in ("noise", "psaq", "clamp-synth", "real") for r in ("minmax", "percentile")
 )
+# The ablations were measured before the per-channel weight scan joined the default: they, and
+# "clamp-no-channel-scan" (that earlier default), run without it.
+NO_CHANNEL_SCAN = {"channel_scan": ()}
+# CLAMP variants: (calibration image source, search config overrides)
 CLAMP = {
-    "clamp": {},
-    "clamp-L_C2+L_O": {"fitness": "both"},  # the paper's fitness
-    "clamp-L_C2+L_O-no-cyclic": {"fitness": "both", "cyclic": False},
-    "clamp-L_O-only": {"fitness": "output"},
+    "clamp": ("clamp", {}),
+    # the same search on the 32 real training images: does synthetic data limit the search?
+    "clamp-search-on-real": ("real", {}),
+    "clamp-no-channel-scan": ("clamp", NO_CHANNEL_SCAN),
+    "clamp-no-cyclic": ("clamp", {**NO_CHANNEL_SCAN, "cyclic": False}),
+    "clamp-L_C2+L_O": ("clamp", {**NO_CHANNEL_SCAN, "fitness": "both"}),  # the paper's fitness
+    "clamp-L_C2+L_O-no-cyclic": ("clamp", {**NO_CHANNEL_SCAN, "fitness": "both", "cyclic": False}),
+    "clamp-L_O-only": ("clamp", {**NO_CHANNEL_SCAN, "fitness": "output"}),
 }
 
 
 def recipe(method: str, seed: int, search: str = "default"):
     """(image source, range method, SearchConfig or None) for a method name of this benchmark."""
     if method in CLAMP:
-        return "clamp", "minmax", search_preset(search, seed=seed, **CLAMP[method])
+        source, overrides = CLAMP[method]
+        return source, "minmax", search_preset(search, seed=seed, **overrides)
     if method not in BASELINES:
         raise SystemExit(
             f"unknown method {method!r}; choose from {', '.join(BASELINES + tuple(CLAMP))}"
@@ -134,7 +144,7 @@ def main() -> None:
             "seeds": seeds,
             "synth_preset": args.synth_preset,
             "search_config": {
-                m: search_preset(args.search_preset, **o).to_dict() for m, o in CLAMP.items()
+                m: search_preset(args.search_preset, **o).to_dict() for m, (_, o) in CLAMP.items()
             },
             "accuracy": {
                 k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}

@@ -25,6 +25,21 @@ class SearchConfig:
     zp_mutation: float = 0.3  # chance that a zero-point moves by ±1 (asymmetric targets only)
     # scale multipliers scanned per activation quantizer before the evolution, in the first pass
     scan: tuple[float, ...] = (0.25, 0.4, 0.6, 0.8, 1.25)
+    # weight-scale multipliers tried per output channel in the first pass (search/channels.py)
+    channel_scan: tuple[float, ...] = (
+        0.5,
+        0.55,
+        0.6,
+        0.65,
+        0.7,
+        0.75,
+        0.8,
+        0.85,
+        0.9,
+        0.95,
+        1.05,
+        1.1,
+    )
     tau: float = 0.2  # temperature of the local contrastive loss L_C2
     w_contrastive: float = 1.0
     w_output: float = 1.0
@@ -55,8 +70,9 @@ class SearchConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown search config fields: {sorted(unknown)}")
-        if "scan" in d:  # JSON holds a list
-            d = {**d, "scan": tuple(d["scan"])}
+        for key in ("scan", "channel_scan"):  # JSON holds lists
+            if key in d:
+                d = {**d, key: tuple(d[key])}
         return cls(**d)
 
 

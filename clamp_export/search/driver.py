@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
-from clamp_export.quant.fakequant import collect_qparams, load_qparams, set_mode
+from clamp_export.quant.fakequant import _QuantWeighted, collect_qparams, load_qparams, set_mode
 from clamp_export.quant.qparams import QParams
 from clamp_export.search import stages
+from clamp_export.search.channels import scan_weight_channels
 from clamp_export.search.config import SearchConfig
 from clamp_export.search.evolution import evolve_layer, layer_quantizers
 from clamp_export.search.fitness import fitness
@@ -121,6 +122,23 @@ def model_fitness(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches) -> floa
     """F on the current data: every block's L_C2 plus L_O (what every layer search lowers)."""
     caches.invalidate()
     return _evaluator(cfg, qmodel, caches, -1)()
+
+
+def _channel_proposal(module: nn.Module, evaluate, multipliers: tuple[float, ...]):
+    """A ``propose`` for evolve_layer: the per-channel weight scan on the layer's current input."""
+    if not multipliers or not isinstance(module, _QuantWeighted):
+        return None
+
+    def propose() -> None:
+        seen = []
+        hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            evaluate()  # runs the layer on its quantized input, under the incumbent parameters
+        finally:
+            hook.remove()
+        scan_weight_channels(module, seen[0], multipliers)
+
+    return propose
 
 
 def _check_finite(loss: torch.Tensor) -> None:
@@ -253,9 +271,10 @@ def run_search(
                 caches.set_images(new)
                 return True
 
+            evaluate = _evaluator(cfg, qmodel, caches, stage)
             before, after = evolve_layer(
                 quantizers,
-                _evaluator(cfg, qmodel, caches, stage),
+                evaluate,
                 cfg.cycles,
                 cfg.population,
                 cfg.tournament,
@@ -264,6 +283,7 @@ def run_search(
                 _gen(cfg.seed, p, li),
                 on_cycle,
                 cfg.scan if p == 0 else (),
+                _channel_proposal(module, evaluate, cfg.channel_scan) if p == 0 else None,
             )
             if stage == -1:  # the patch embedding feeds every block: recompute downstream inputs
                 caches.invalidate()

@@ -80,6 +80,17 @@ def scan_scales(
     return best_fit
 
 
+def try_proposal(quantizers: list[Quantizer], evaluate, propose, best_fit: float) -> float:
+    """Let ``propose()`` install parameters; keep them only if they lower the fitness."""
+    before = read_genome(quantizers)
+    propose()
+    fit = evaluate()
+    if fit < best_fit:
+        return fit
+    install(quantizers, before)
+    return best_fit
+
+
 def evolve_layer(
     quantizers: list[Quantizer],
     evaluate,
@@ -91,15 +102,19 @@ def evolve_layer(
     gen: torch.Generator,
     on_cycle=None,
     scan: tuple[float, ...] = (),
+    propose=None,
 ) -> tuple[float, float]:
     """Search one layer in place. ``evaluate()`` scores the currently installed parameters.
 
     ``on_cycle(cycle)`` may change the data (cyclic adaptation); it returns True when it did, and
-    the incumbent is then re-scored. ``scan`` multipliers are tried first (see scan_scales).
+    the incumbent is then re-scored. ``scan`` multipliers are tried first (see scan_scales), then
+    ``propose()``, which installs other parameters that are kept only if the fitness falls.
     Returns (fitness before, fitness after) on the final data.
     """
     start_fit = evaluate()
     best_fit = scan_scales(quantizers, evaluate, scan, start_fit) if scan else start_fit
+    if propose is not None:
+        best_fit = try_proposal(quantizers, evaluate, propose, best_fit)
     best = read_genome(quantizers)
     pop = [best] + [mutate(best, quantizers, sigma, zp_rate, gen) for _ in range(population - 1)]
     fits = [best_fit] + [float("inf")] * (population - 1)

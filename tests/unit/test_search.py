@@ -170,8 +170,62 @@ def test_scan_reaches_a_range_that_mutation_cannot():
     assert search((0.25, 0.4, 0.6, 0.8, 1.25)) < 1 / 7 * 0.5
 
 
+def test_channel_scan_lowers_each_channels_output_error():
+    from clamp_export.quant.fakequant import Quantizer, QuantLinear
+    from clamp_export.quant.math import params_from_range
+    from clamp_export.search.channels import scan_weight_channels
+
+    torch.manual_seed(0)
+    ql = QuantLinear(torch.nn.Linear(32, 16), Quantizer(8, True, True), Quantizer(4, True, True, 0))
+    x = torch.randn(256, 32)
+    for q, t in ((ql.input_q, x), (ql.weight_q, ql.weight.detach())):
+        lo, hi = (t.amin(1), t.amax(1)) if q.is_weight else (t.min(), t.max())
+        q.set_params(*params_from_range(lo, hi, q.qmin, q.qmax, True))
+        q.mode = "quant"
+
+    def channel_errors() -> torch.Tensor:
+        xq = ql.input_q(x)
+        return ((xq @ ql.weight_q(ql.weight).T - xq @ ql.weight.T) ** 2).mean(0).detach()
+
+    before, scale_before = channel_errors(), ql.weight_q.scale.clone()
+    scan_weight_channels(ql, x, (0.5, 0.6, 0.7, 0.8, 0.9, 1.1))
+    after = channel_errors()
+    assert (after <= before).all()
+    assert after.sum() < 0.9 * before.sum()  # 4-bit min-max wastes levels on each row's outlier
+    moved = ~torch.isclose(ql.weight_q.scale, scale_before)
+    assert 0 < int(moved.sum()) < 16  # chosen per channel, not one multiplier for all
+
+
+def test_channel_scan_alone_lowers_the_fitness_of_min_max():
+    """Population 1 and no activation scan: the channel scan is the only move the search makes."""
+    alone = dict(passes=1, cycles=1, population=1, scan=())
+    _, qm, qp, _, log = _search(**alone)
+    _, _, qp0, _, log0 = _search(**alone, channel_scan=())
+    assert log.passes[0]["fitness"] < log0.passes[0]["fitness"]
+    moved = {(r == "weight") for n, r, p in qp.points() if p.scale != qp0.get(n, r).scale}
+    assert moved == {True}  # weight scales moved, and nothing else did
+
+
+def test_a_proposal_that_raises_fitness_is_undone():
+    from clamp_export.quant.fakequant import Quantizer
+    from clamp_export.search.evolution import try_proposal
+
+    q = Quantizer(4, signed=True, symmetric=True)
+    q.set_params(torch.tensor([0.1]), torch.zeros(1, dtype=torch.int32))
+
+    def worse() -> None:
+        q.set_params(torch.tensor([0.3]), torch.zeros(1, dtype=torch.int32))
+
+    def fit() -> float:
+        return abs(float(q.scale) - 0.1)
+
+    assert try_proposal([q], fit, worse, 0.0) == 0.0 and float(q.scale) == pytest.approx(0.1)
+    better = try_proposal([q], lambda: -1.0, worse, 0.0)
+    assert better == -1.0 and float(q.scale) == pytest.approx(0.3)
+
+
 def test_scan_round_trips_through_json():
-    cfg = SearchConfig(scan=(0.5, 0.9))
+    cfg = SearchConfig(scan=(0.5, 0.9), channel_scan=(0.7,))
     assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
