@@ -3,8 +3,9 @@
 Methods: noise / psaq / clamp-synth / real (32 train images) calibration with min-max and with
 percentile ranges; full CLAMP (Stage 1 + search + cyclic, fitness L_C2, channel scan); the same
 search on the real images instead of Stage 1's; and the ablations: no channel scan, no cyclic
-adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only. Ladder W8A8 ... W3A4 and mixed precision
-under the ort and trt profiles, mean ± std over seeds, time per method.
+adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only. Ladder
+W8A8 ... W3A4 and mixed precision under the ort and trt profiles, mean ± std over seeds, time per
+method.
 
     .venv/bin/python benchmarks/accuracy.py [--seeds 0,1,2] [--bits w4a4,w4a8] [--targets trt]
 

@@ -124,18 +124,24 @@ def model_fitness(cfg: SearchConfig, qmodel: nn.Module, caches: _Caches) -> floa
     return _evaluator(cfg, qmodel, caches, -1)()
 
 
-def _channel_proposal(module: nn.Module, evaluate, multipliers: tuple[float, ...]):
-    """A ``propose`` for evolve_layer: the per-channel weight scan on the layer's current input."""
+def _channel_proposal(module: nn.Module, multipliers: tuple[float, ...]):
+    """A ``propose`` for evolve_layer: the per-channel weight scan on the layer's input.
+
+    The input is taken from the layer search's first evaluation (a one-shot hook), not from a run
+    of its own: the layer's raw input depends only on the layers before it.
+    """
     if not multipliers or not isinstance(module, _QuantWeighted):
         return None
+    seen: list[torch.Tensor] = []
+
+    def record(m, args) -> None:
+        seen.append(args[0])
+        hook.remove()
+
+    hook = module.register_forward_pre_hook(record)
 
     def propose() -> None:
-        seen = []
-        hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        try:
-            evaluate()  # runs the layer on its quantized input, under the incumbent parameters
-        finally:
-            hook.remove()
+        hook.remove()  # a no-op once it has fired
         scan_weight_channels(module, seen[0], multipliers)
 
     return propose
@@ -271,10 +277,9 @@ def run_search(
                 caches.set_images(new)
                 return True
 
-            evaluate = _evaluator(cfg, qmodel, caches, stage)
             before, after = evolve_layer(
                 quantizers,
-                evaluate,
+                _evaluator(cfg, qmodel, caches, stage),
                 cfg.cycles,
                 cfg.population,
                 cfg.tournament,
@@ -283,7 +288,7 @@ def run_search(
                 _gen(cfg.seed, p, li),
                 on_cycle,
                 cfg.scan if p == 0 else (),
-                _channel_proposal(module, evaluate, cfg.channel_scan) if p == 0 else None,
+                _channel_proposal(module, cfg.channel_scan) if p == 0 else None,
             )
             if stage == -1:  # the patch embedding feeds every block: recompute downstream inputs
                 caches.invalidate()

@@ -199,7 +199,7 @@ def test_channel_scan_lowers_each_channels_output_error():
 def test_channel_scan_alone_lowers_the_fitness_of_min_max():
     """Population 1 and no activation scan: the channel scan is the only move the search makes."""
     alone = dict(passes=1, cycles=1, population=1, scan=())
-    _, qm, qp, _, log = _search(**alone)
+    _, _, qp, _, log = _search(**alone)
     _, _, qp0, _, log0 = _search(**alone, channel_scan=())
     assert log.passes[0]["fitness"] < log0.passes[0]["fitness"]
     moved = {(r == "weight") for n, r, p in qp.points() if p.scale != qp0.get(n, r).scale}
