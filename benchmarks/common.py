@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clamp_export.quant.targets import get_profile
+
 
 @torch.inference_mode()
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> float:
@@ -180,6 +182,7 @@ def cell_key(
         "source": source,
         "synth_preset": args.synth_preset,
         "target": target,
+        "profile": get_profile(target).to_dict(),  # the numerics the target runs
         "bits": bits,
         "method": method,
     }

@@ -81,9 +81,12 @@ class Quantizer(nn.Module):
         symmetric: bool,
         axis: int | None = None,
         store_dtype: torch.dtype = torch.float32,
+        window: bool = False,
     ) -> None:
         super().__init__()
-        self.bits, self.signed, self.symmetric, self.axis = bits, signed, symmetric, axis
+        self.bits, self.signed, self.axis = bits, signed, axis
+        self._symmetric = symmetric
+        self.window = window  # may slide its levels along the int8 grid (TargetProfile.act_window)
         self.store_dtype = store_dtype  # the float type the deployed graph stores scales in
         self.qmin, self.qmax = level_range(bits, signed)
         self.register_buffer("scale", torch.ones(1))
@@ -107,6 +110,28 @@ class Quantizer(nn.Module):
     def is_weight(self) -> bool:
         return self.axis is not None
 
+    @property
+    def slides(self) -> bool:
+        """Below 8 bits a window quantizer's levels are a Clip on the int8 grid, free to move."""
+        return self.window and self.bits < 8
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether calibration and search pin the zero-point at 0.
+
+        A sliding window is searched as an asymmetric quantizer: clamp(round(x/s) + z, qmin, qmax)
+        - z equals clamp(round(x/s), qmin - z, qmax - z), so its zero-point z is the window's
+        offset, and the graph writes that window as Clip bounds with zero-point 0.
+        """
+        return self._symmetric and not self.slides
+
+    def graph_levels(self) -> tuple[int, int, int]:
+        """(zero-point, lowest level, highest level) as the exported graph writes them."""
+        z = int(self.zero_point) if self.zero_point.numel() == 1 else 0
+        if self.slides:
+            return 0, self.qmin - z, self.qmax - z
+        return z, self.qmin, self.qmax
+
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         scale = scale.detach().float()
         if self.store_dtype == torch.float16:  # an FP16 graph holds FP16 scales: use exactly those
@@ -117,6 +142,12 @@ class Quantizer(nn.Module):
         self._cached_weight = None
 
     def point(self) -> QuantPoint:
+        if self.slides:
+            _, lo, hi = self.graph_levels()
+            zeros = torch.zeros_like(self.zero_point)
+            return QuantPoint.from_tensors(
+                self.bits, self.signed, self.scale, zeros, self.axis, window=(lo, hi)
+            )
         return QuantPoint.from_tensors(
             self.bits, self.signed, self.scale, self.zero_point, self.axis
         )
@@ -132,6 +163,13 @@ class Quantizer(nn.Module):
         self.bits = p.bits
         self.qmin, self.qmax = level_range(p.bits, p.signed)
         scale, zp = p.tensors()
+        if p.window is not None:
+            if not self.slides:
+                raise UserError(
+                    f"qparams entry {where} clips to the level window {p.window}, which this "
+                    "target or bit-width cannot run; re-run calibration with the same --target"
+                )
+            zp = torch.full_like(zp, self.qmin - p.window[0])
         self.set_params(scale, zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,14 +179,7 @@ class Quantizer(nn.Module):
             self.observer.update(x)
             return x
         if self.exporting and not self.is_weight:
-            return _QDQ.apply(
-                x,
-                float(self.scale),
-                int(self.zero_point),
-                self.qmin,
-                self.qmax,
-                self.signed,
-            )
+            return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
         if self.store_dtype == torch.float16 and not self.is_weight:
             x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
         zp = None if self._zp_is_zero else self.zero_point
@@ -288,7 +319,13 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
                     t.copy_(t.half().float())
 
     def act(fixed: bool = False, nbits: int = bits.act) -> Quantizer:
-        q = Quantizer(nbits, profile.act_signed, profile.act_symmetric, store_dtype=store)
+        q = Quantizer(
+            nbits,
+            profile.act_signed,
+            profile.act_symmetric,
+            store_dtype=store,
+            window=profile.act_window,
+        )
         q.fixed_range = (0.0, 1.0) if fixed else None
         return q
 

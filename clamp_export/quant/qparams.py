@@ -19,7 +19,8 @@ from clamp_export.errors import UserError
 from clamp_export.quant.math import level_range
 from clamp_export.quant.targets import TargetProfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added ``window`` (files without one read as before)
+READABLE_VERSIONS = (1, 2)
 WEIGHT_ROLE = "weight"
 
 
@@ -30,10 +31,9 @@ class QuantPoint:
     scale: list[float]
     zero_point: list[int]
     axis: int | None = None  # None: per-tensor
-
-    @property
-    def levels(self) -> tuple[int, int]:
-        return level_range(self.bits, self.signed)
+    # [lowest, highest] integer level the graph clips to, where the target lets the levels
+    # slide along the int8 grid (TargetProfile.act_window); None: the centred levels of ``bits``
+    window: list[int] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -43,7 +43,13 @@ class QuantPoint:
 
     @classmethod
     def from_tensors(
-        cls, bits: int, signed: bool, scale: torch.Tensor, zp: torch.Tensor, axis: int | None
+        cls,
+        bits: int,
+        signed: bool,
+        scale: torch.Tensor,
+        zp: torch.Tensor,
+        axis: int | None,
+        window: tuple[int, int] | None = None,
     ) -> QuantPoint:
         return cls(
             bits=bits,
@@ -51,6 +57,7 @@ class QuantPoint:
             scale=[float(s) for s in scale.flatten()],
             zero_point=[int(z) for z in zp.flatten()],
             axis=axis,
+            window=None if window is None else [int(window[0]), int(window[1])],
         )
 
 
@@ -82,16 +89,16 @@ class QParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["modules"] = {
-            m: {r: asdict(p) for r, p in roles.items()} for m, roles in self.modules.items()
+            m: {r: _point_dict(p) for r, p in roles.items()} for m, roles in self.modules.items()
         }
         return {"version": d.pop("version"), **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> QParams:
-        if d.get("version") != SCHEMA_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise UserError(
                 f"qparams.json has schema version {d.get('version')!r}; this clamp-export reads "
-                f"version {SCHEMA_VERSION}"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             modules = {
@@ -149,6 +156,8 @@ class QParams:
                 )
             elif any(not qmin <= z <= qmax for z in p.zero_point):
                 out.append(f"{where}: zero-point outside [{qmin}, {qmax}]")
+            if p.window is not None:
+                out.extend(_window_violations(where, p, profile, is_weight))
             if is_weight and profile.weight_axis_per_channel and p.axis != 0:
                 out.append(f"{where}: weights must be per-output-channel (axis 0)")
             if not is_weight and (p.axis is not None or len(p.scale) != 1):
@@ -160,3 +169,26 @@ class QParams:
         if bad:
             more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
             raise UserError(f"qparams violate target {profile.name!r}: {bad[0]}{more}")
+
+
+def _point_dict(p: QuantPoint) -> dict:
+    d = asdict(p)
+    if d["window"] is None:  # the common case: keep files as they were before windows
+        del d["window"]
+    return d
+
+
+def _window_violations(where: str, p: QuantPoint, profile: TargetProfile, is_weight: bool):
+    if is_weight or not profile.act_window or p.bits >= 8:
+        yield (
+            f"{where}: a level window is only for activations below 8 bits on a target that "
+            f"slides them (trt); {profile.name} {'weights' if is_weight else f'{p.bits}-bit'} "
+            "take the centred levels"
+        )
+        return
+    if not isinstance(p.window, list) or len(p.window) != 2:
+        yield f"{where}: window must be [lowest, highest] level, got {p.window!r}"
+    elif p.window[1] - p.window[0] != 2**p.bits - 1:
+        yield f"{where}: window {p.window} must span exactly {2**p.bits} levels"
+    elif not p.window[0] <= 0 <= p.window[1]:
+        yield f"{where}: window {p.window} must hold level 0 (so 0.0 stays exact)"

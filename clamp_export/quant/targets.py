@@ -16,6 +16,11 @@ class TargetProfile:
     name: str
     act_signed: bool  # int8 (True) or uint8 (False) container for activations
     act_symmetric: bool  # zero-point pinned at 0
+    # Below 8 bits, activations are a Clip onto 2^b levels of the int8 grid (DESIGN §4). With
+    # ``act_window`` those levels may be any run of the grid that holds 0, not only the centred
+    # one: the graph keeps zero-point 0 and the Clip bounds carry the offset, so one-sided ranges
+    # (softmax, GELU) keep all 2^b levels where a symmetric grid leaves them half.
+    act_window: bool = False
     weight_signed: bool = True
     weight_symmetric: bool = True
     weight_axis_per_channel: bool = True
@@ -31,7 +36,12 @@ PROFILES: dict[str, TargetProfile] = {
     # TensorRT: symmetric only, zero-points 0; strongly typed FP16 graph. FP16 Q/DQ scales need
     # opset 19 (QuantizeLinear gained float16 inputs/scales there).
     "trt": TargetProfile(
-        name="trt", act_signed=True, act_symmetric=True, float_dtype="float16", opset=19
+        name="trt",
+        act_signed=True,
+        act_symmetric=True,
+        act_window=True,
+        float_dtype="float16",
+        opset=19,
     ),
     # ONNX Runtime CPU: uint8 asymmetric activations keep the bit that one-sided ranges
     # (post-softmax, post-GELU) would otherwise waste.

@@ -62,8 +62,8 @@ def scan_scales(
 
     *(ours)* Multiplicative mutation moves a scale a few percent per cycle, so it cannot reach a
     range several times narrower than min-max. At 4 bits that is where the optimum often lies (the
-    softmax output's fixed [0, 1] range leaves 8 levels on a symmetric target). Weights are left
-    to the evolution: their min-max ranges are already close.
+    softmax output's fixed [0, 1] range puts most probabilities in its lowest level). Weights are
+    left to the evolution: their min-max ranges are already close.
     """
     best = read_genome(quantizers)
     for i, q in enumerate(quantizers):

@@ -26,7 +26,7 @@ def _export(target: str, bits: str, path):
 
 
 @requires_fmnist
-@pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])  # w4a4: Clip windows off-centre
 def test_trt_profile_graph_parses_and_builds(tmp_path, bits):
     proto = _export("trt", bits, tmp_path / "m.onnx")
     assert lint(proto, get_profile("trt")) == []

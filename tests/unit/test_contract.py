@@ -35,20 +35,21 @@ def _calibrated(tiny_vit, target: str, bits: str = "w4a8") -> tuple:
     return qm, collect_qparams(qm, model="tiny", target=target, bits=bits, metadata={"seed": 0})
 
 
-def test_qparams_json_round_trip(tiny_vit, tmp_path):
-    qm, qp = _calibrated(tiny_vit, "ort")
+@pytest.mark.parametrize("target,bits", [("ort", "w4a8"), ("trt", "w4a4")])
+def test_qparams_json_round_trip(tiny_vit, tmp_path, target, bits):
+    qm, qp = _calibrated(tiny_vit, target, bits)
     path = tmp_path / "qparams.json"
     qp.save(path)
     back = QParams.load(path)
     assert back.to_dict() == qp.to_dict()
     raw = json.loads(path.read_text())
-    assert raw["version"] == 1
+    assert raw["version"] == 2
     assert set(raw["modules"]["blocks.0.attn"]) == {"q", "k", "attn", "v"}
     assert set(raw["modules"]["blocks.1.mlp.fc2"]) == {"input", "weight"}
     w = back.get("blocks.0.attn.qkv", "weight")
     assert (w.bits, w.signed, w.axis, len(w.scale)) == (4, True, 0, 96)
     # loading into a fresh wrapper reproduces the same fake-quant model
-    fresh = load_qparams(wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("ort")), back)
+    fresh = load_qparams(wrap_model(tiny_vit, BitsSpec.parse(bits), get_profile(target)), back)
     x = noise_images(4, PRE, seed=5)
     assert (fresh(x) - qm(x)).abs().max() == 0
 
@@ -83,6 +84,52 @@ def test_validation_rejects_ort_params_on_trt_and_per_tensor_weights(tiny_vit):
         "head:weight: weights must be per-output-channel" in v
         for v in qp.violations(get_profile("ort"))
     )
+
+
+def test_trt_sub8_bit_activations_slide_their_window(tiny_vit):
+    _, qp = _calibrated(tiny_vit, "trt", "w4a4")
+    assert qp.violations(get_profile("trt")) == []
+    assert all(z == 0 for _, _, p in qp.points() for z in p.zero_point)  # TensorRT: zero-point 0
+    acts = {(m, r): p for m, r, p in qp.points() if r != "weight" and p.bits == 4}
+    assert acts and all(p.window[1] - p.window[0] == 15 for p in acts.values())
+    # the softmax output's [0, 1] takes all 16 levels, not the 8 of a centred [-8, 7]
+    soft = qp.get("blocks.0.attn", "attn")
+    assert soft.window == [0, 15]
+    assert soft.scale == [float(torch.tensor(1 / 15).half())]
+    assert any(p.window != [-8, 7] for p in acts.values())
+    # 8-bit points fill the int8 container: nothing to slide
+    assert qp.get("head", "input").window is None
+    assert qp.get("blocks.0.mlp.fc1", "weight").window is None
+
+
+@pytest.mark.parametrize(
+    "target,point,window,message",
+    [
+        ("trt", ("blocks.0.mlp.fc1", "input"), [-3, 11], "must span exactly 16 levels"),
+        ("trt", ("blocks.0.mlp.fc1", "input"), [1, 16], "must hold level 0"),
+        ("trt", ("head", "input"), [-100, 155], "only for activations below 8 bits"),
+        ("trt", ("blocks.0.mlp.fc1", "weight"), [-8, 7], "only for activations below 8 bits"),
+        ("ort", ("blocks.0.mlp.fc1", "input"), [0, 15], "only for activations below 8 bits"),
+    ],
+)
+def test_validation_rejects_bad_windows(tiny_vit, target, point, window, message):
+    _, qp = _calibrated(tiny_vit, target, "w4a4")
+    qp.get(*point).window = window
+    assert any(message in v for v in qp.violations(get_profile(target)))
+
+
+def test_version_1_files_read_as_centred_levels(tiny_vit):
+    """A qparams.json written before windows existed means the symmetric [-8, 7] levels."""
+    qm, qp = _calibrated(tiny_vit, "trt", "w4a4")
+    old = qp.to_dict()
+    old["version"] = 1
+    for roles in old["modules"].values():
+        for point in roles.values():
+            point.pop("window", None)
+    back = QParams.from_dict(old)
+    fresh = load_qparams(wrap_model(tiny_vit, BitsSpec.parse("w4a4"), get_profile("trt")), back)
+    assert fresh.blocks[0].attn.attn.graph_levels() == (0, -8, 7)
+    assert back.violations(get_profile("trt")) == []
 
 
 def test_unknown_schema_version(tmp_path):

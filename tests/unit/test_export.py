@@ -1,4 +1,5 @@
 import collections
+import dataclasses
 
 import onnx
 import pytest
@@ -11,7 +12,7 @@ from clamp_export.export.qdq import export_qdq
 from clamp_export.models.preprocess import Preprocess
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
-from clamp_export.quant.fakequant import wrap_model
+from clamp_export.quant.fakequant import quantizers, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from tests.conftest import make_tiny
@@ -44,6 +45,34 @@ def test_fp16_trt_graph_tracks_fake_quant(tiny_vit, tmp_path):
     x = noise_images(64, PRE, seed=7)
     ref, out = TorchRunner(qm, "fq")(x), OrtRunner(path)(x)
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999
+
+
+def test_trt_windows_export_as_clip_bounds_with_zero_point_0(tiny_vit, tmp_path):
+    qm, proto, path = _export(tiny_vit, "trt", "w4a4", tmp_path)
+    assert lint(proto, get_profile("trt")) == []
+    x = noise_images(64, PRE, seed=7)
+    ref, out = TorchRunner(qm, "fq")(x), OrtRunner(path)(x)
+    # FP16 arithmetic moves a few 4-bit roundings; the exact check is the FP32 graph below
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    consts = {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in proto.graph.node
+        if n.op_type == "Constant"
+    }
+    bounds = [
+        (float(consts[c.input[1]]), float(consts[c.input[2]]))
+        for c in proto.graph.node
+        if c.op_type == "Clip"
+    ]
+    # softmax outputs clip to [0, 15 s] with s = 1/15 (in FP16): all 16 levels inside [0, 1]
+    assert sum(abs(lo) == 0 and abs(hi - 1.0) < 1e-3 for lo, hi in bounds) == 2
+    # the same windows in an FP32 graph: ORT computes exactly what the fake-quant model does
+    fp32 = dataclasses.replace(get_profile("trt"), float_dtype="float32", opset=17)
+    qm = calibrate(wrap_model(tiny_vit, BitsSpec.parse("w4a4"), fp32), noise_images(16, PRE, 0))
+    assert any(q.slides and q.graph_levels()[1] != -8 for _, _, q in quantizers(qm))
+    export_qdq(qm, PRE.input_size, fp32, tmp_path / "fp32.onnx")
+    ref, out = TorchRunner(qm, "fq")(x), OrtRunner(tmp_path / "fp32.onnx")(x)
+    assert (out - ref).abs().max() < 1e-4
 
 
 def test_graph_shape(tiny_vit, tmp_path):
