@@ -35,6 +35,7 @@ from common import (  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
+from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,6 +145,7 @@ def main() -> None:
             "eval_images": len(x_test),
             "seeds": seeds,
             "synth_preset": args.synth_preset,
+            "profiles": {t: get_profile(t).to_dict() for t in args.targets.split(",")},
             "search_config": {
                 m: search_preset(args.search_preset, **o).to_dict() for m, (_, o) in CLAMP.items()
             },
