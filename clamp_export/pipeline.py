@@ -315,6 +315,12 @@ def _notes(bits: BitsSpec, target: str) -> list[str]:
         notes.append(
             f"A{bits.act} activations are enforced by Clip before int8 Q; both targets run INT8 "
             "kernels, so they change accuracy, not speed."
+            + (
+                f" On trt the Clip keeps a window of {2**bits.act} int8 levels that may sit "
+                "off-centre (zero-point stays 0), so one-sided tensors keep all their levels."
+                if target == "trt"
+                else ""
+            )
         )
     return notes
 

@@ -126,8 +126,8 @@ class Quantizer(nn.Module):
         return self._symmetric and not self.slides
 
     def graph_levels(self) -> tuple[int, int, int]:
-        """(zero-point, lowest level, highest level) as the exported graph writes them."""
-        z = int(self.zero_point) if self.zero_point.numel() == 1 else 0
+        """(zero-point, lowest level, highest level) of an activation, as the graph writes them."""
+        z = int(self.zero_point)
         if self.slides:
             return 0, self.qmin - z, self.qmax - z
         return z, self.qmin, self.qmax

@@ -180,10 +180,10 @@ def _point_dict(p: QuantPoint) -> dict:
 
 def _window_violations(where: str, p: QuantPoint, profile: TargetProfile, is_weight: bool):
     if is_weight or not profile.act_window or p.bits >= 8:
+        kind = "a weight" if is_weight else f"a {p.bits}-bit activation"
         yield (
-            f"{where}: a level window is only for activations below 8 bits on a target that "
-            f"slides them (trt); {profile.name} {'weights' if is_weight else f'{p.bits}-bit'} "
-            "take the centred levels"
+            f"{where}: level windows are only for activations below 8 bits on a target that "
+            f"slides them (trt), not {kind} on {profile.name}"
         )
         return
     if not isinstance(p.window, list) or len(p.window) != 2:
