@@ -37,9 +37,8 @@ def scan_weight_channels(
     wq = layer.weight_q
     ref = _channel_outputs(layer, xq, layer.weight)
     base, zp = wq.scale.clone(), wq.zero_point
-    best_scale = base.clone()
-    best_err = ((_channel_outputs(layer, xq, wq(layer.weight)) - ref) ** 2).mean(1)
-    for m in multipliers:
+    best_scale, best_err = base.clone(), torch.full_like(base, float("inf"))
+    for m in (1.0, *multipliers):  # the current scale first: it wins every tie
         wq.set_params(base * m, zp)  # applies the target's storage rounding
         err = ((_channel_outputs(layer, xq, wq(layer.weight)) - ref) ** 2).mean(1)
         better = err < best_err
