@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--keep-qparams", type=Path, help="save every pass's qparams.json here")
     ap.set_defaults(seeds="0,1")
     args = ap.parse_args()
+    if any(BitsSpec.parse(b).mixed for b in args.bits.split(",")):
+        raise SystemExit("search_passes.py takes fixed bit-widths (w4a4, w8a8, ...), not mp:*")
 
     loaded, x_test, y_test, fp32 = load_reference(args)
     if args.keep_qparams:
