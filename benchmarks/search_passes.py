@@ -32,15 +32,14 @@ from common import (  # noqa: E402
     cell_key,
     load_reference,
     print_table,
+    quantized_model,
     top1,
 )
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.bits import BitsSpec  # noqa: E402
-from clamp_export.quant.calibrate import calibrate  # noqa: E402
-from clamp_export.quant.fakequant import collect_qparams, wrap_model  # noqa: E402
-from clamp_export.quant.targets import get_profile  # noqa: E402
+from clamp_export.quant.fakequant import collect_qparams  # noqa: E402
 from clamp_export.search import preset, run_search  # noqa: E402
 from clamp_export.search.driver import model_evaluator  # noqa: E402
 from clamp_export.search.stages import searchable_layers  # noqa: E402
@@ -55,8 +54,7 @@ def pass_curve(
 
     ``keep``: a folder to save each pass's qparams.json in, to study them afterwards.
     """
-    spec, profile = BitsSpec.parse(bits), get_profile(target)
-    qm = calibrate(wrap_model(loaded.model, spec, profile), calib, "minmax")
+    qm = quantized_model(loaded, bits, target, calib, "minmax")  # the search's min-max start
     layers = len(searchable_layers(qm))
     header = {"model": loaded.name, "target": target, "bits": bits}
     bounds = loaded.preprocess.pixel_bounds()
