@@ -35,6 +35,7 @@ from common import (  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
 from clamp_export.pipeline import versions  # noqa: E402
+from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
 
@@ -51,6 +52,8 @@ CLAMP = {
     "clamp": ("clamp", {}),
     # the same search on the 32 real training images: does synthetic data limit the search?
     "clamp-search-on-real": ("real", {}),
+    # the default before channel equalization (which is on below 8-bit activations)
+    "clamp-no-equalize": ("clamp", {"equalize": False}),
     "clamp-no-channel-scan": ("clamp", NO_CHANNEL_SCAN),
     "clamp-no-cyclic": ("clamp", {**NO_CHANNEL_SCAN, "cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {**NO_CHANNEL_SCAN, "fitness": "both"}),  # the paper's fitness
@@ -59,11 +62,11 @@ CLAMP = {
 }
 
 
-def recipe(method: str, seed: int, search: str = "default"):
+def recipe(method: str, seed: int, bits: str, search: str = "default"):
     """(image source, range method, SearchConfig or None) for a method name of this benchmark."""
     if method in CLAMP:
         source, overrides = CLAMP[method]
-        return source, "minmax", search_preset(search, seed=seed, **overrides)
+        return source, "minmax", search_preset(search, BitsSpec.parse(bits), seed=seed, **overrides)
     if method not in BASELINES:
         raise SystemExit(
             f"unknown method {method!r}; choose from {', '.join(BASELINES + tuple(CLAMP))}"
@@ -89,7 +92,7 @@ def main() -> None:
         for target in args.targets.split(","):
             for bits in args.bits.split(","):
                 for method in methods:
-                    src, rng, search = recipe(method, seed, args.search_preset)
+                    src, rng, search = recipe(method, seed, bits, args.search_preset)
                     key = cell_key(
                         loaded,
                         x_test,
@@ -146,8 +149,10 @@ def main() -> None:
             "seeds": seeds,
             "synth_preset": args.synth_preset,
             "profiles": {t: get_profile(t).to_dict() for t in args.targets.split(",")},
+            # at W4A4; below 8-bit activations "clamp" also equalizes (equalize_by_default)
             "search_config": {
-                m: search_preset(args.search_preset, **o).to_dict() for m, (_, o) in CLAMP.items()
+                m: search_preset(args.search_preset, BitsSpec.parse("w4a4"), **o).to_dict()
+                for m, (_, o) in CLAMP.items()
             },
             "accuracy": {
                 k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}

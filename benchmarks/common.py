@@ -145,27 +145,37 @@ class Cells:
         return self.records[k]
 
 
-def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None):
-    """Calibrated fake-quant model; ``search`` (a SearchConfig) runs Stage 2 on ``calib``.
+def searchable_model(loaded, bits: str, target: str, calib, rng: str, search=None):
+    """(float reference, calibrated fake-quant model): where a search on ``calib`` starts.
 
-    Mixed precision allocates bits with the search fitness on the same images, for every method,
-    so baselines and CLAMP compare at the same allocation procedure.
+    ``search`` (a SearchConfig) decides the equalization; mixed precision allocates bits with the
+    search fitness on the same images, for every method, so baselines and CLAMP compare at the
+    same allocation procedure.
     """
     from clamp_export.quant.bits import BitsSpec
     from clamp_export.quant.calibrate import calibrate
     from clamp_export.quant.fakequant import wrap_model
     from clamp_export.quant.targets import get_profile
-    from clamp_export.search import preset, run_search
+    from clamp_export.search import prepare_equalization, preset
     from clamp_export.search.mixed import allocate_bits
 
     spec, profile = BitsSpec.parse(bits), get_profile(target)
-    qm = calibrate(wrap_model(loaded.model, spec, profile), calib, rng)
+    qm = wrap_model(loaded.model, spec, profile)
+    fp = loaded.model if search is None else prepare_equalization(loaded.model, qm, calib, search)
+    calibrate(qm, calib, rng)
     if spec.mixed:
-        allocate_bits(spec, loaded.model, qm, calib, search or preset("default"), profile)
+        allocate_bits(spec, fp, qm, calib, search or preset("default"), profile)
+    return fp, qm
+
+
+def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None):
+    """Calibrated fake-quant model; ``search`` (a SearchConfig) runs Stage 2 on ``calib``."""
+    from clamp_export.search import run_search
+
+    fp, qm = searchable_model(loaded, bits, target, calib, rng, search)
     if search is not None:
         header = {"model": loaded.name, "target": target, "bits": bits}
-        bounds = loaded.preprocess.pixel_bounds()
-        run_search(loaded.model, qm, calib, search, header, bounds, progress=False)
+        run_search(fp, qm, calib, search, header, loaded.preprocess.pixel_bounds(), progress=False)
     return qm
 
 

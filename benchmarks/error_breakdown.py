@@ -83,10 +83,11 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
-            src, rng, search = recipe(method, seed)
+            src = recipe(method, seed, "w8a8")[0]
             calib, _ = calibration_images(loaded, src, args.n, seed, args.synth_preset)
             for target in args.targets.split(","):
                 for bits in args.bits.split(","):
+                    _, rng, search = recipe(method, seed, bits)
                     qm = quantized_model(loaded, bits, target, calib, rng, search)
                     column = f"{method} {target} {bits} seed {seed}"
                     results[column] = breakdown(qm, x_test, y_test)
@@ -108,9 +109,10 @@ def main() -> None:
             "eval_images": len(x_test),
             "top1": results,
             "search_config": {
-                m: cfg.to_dict()
+                f"{m} {b}": cfg.to_dict()
                 for m in args.methods.split(",")
-                if (cfg := recipe(m, 0)[2]) is not None
+                for b in args.bits.split(",")
+                if (cfg := recipe(m, 0, b)[2]) is not None
             },
             "versions": versions(),
         },

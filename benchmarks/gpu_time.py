@@ -30,8 +30,8 @@ from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import wrap_model
 from clamp_export.quant.targets import get_profile
+from clamp_export.search import prepare_equalization, run_search
 from clamp_export.search import preset as search_preset
-from clamp_export.search import run_search
 from clamp_export.search.stages import searchable_layers
 from clamp_export.synth import preset as synth_preset
 from clamp_export.synth import synthesize
@@ -67,9 +67,11 @@ def main() -> None:
     profile = get_profile(args.target)
     t0 = _clock()
     images = synth.images.cuda()
-    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(args.bits), profile), images)
+    cfg = search_preset("default", BitsSpec.parse(args.bits))
+    qm = wrap_model(loaded.model, BitsSpec.parse(args.bits), profile)
+    fp = prepare_equalization(loaded.model, qm, images, cfg)
+    calibrate(qm, images)
     calib = _clock() - t0
-    cfg = search_preset("default")
     layers = len(searchable_layers(qm))
     header = {"model": args.model, "target": args.target, "bits": args.bits}
     passes: list[float] = []
@@ -79,7 +81,7 @@ def main() -> None:
                 break
             t0 = _clock()
             run_search(
-                loaded.model,
+                fp,
                 qm,
                 images,
                 cfg,

@@ -48,7 +48,7 @@ def _child(args: argparse.Namespace) -> None:
     from clamp_export.quant.targets import get_profile
     from clamp_export.report.parity import top1_agreement
     from clamp_export.runtime.runners import OrtRunner, TorchRunner
-    from clamp_export.search import run_search
+    from clamp_export.search import prepare_equalization, run_search
     from clamp_export.synth import synthesize
 
     t = {}
@@ -59,12 +59,14 @@ def _child(args: argparse.Namespace) -> None:
         loaded, synth_preset("default", steps=args.synth_steps), None, progress=False
     )
     t["stage1_s"] = time.time() - t0
-    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(args.bits), profile), synth.images)
+    cfg = search_preset("default", BitsSpec.parse(args.bits), **SMALL_SEARCH)
+    qm = wrap_model(loaded.model, BitsSpec.parse(args.bits), profile)
+    fp = prepare_equalization(loaded.model, qm, synth.images, cfg)
+    calibrate(qm, synth.images)
     t0 = time.time()
     header = {"model": args.model, "target": args.target, "bits": args.bits}
-    cfg = search_preset("default", **SMALL_SEARCH)
     run_search(
-        loaded.model,
+        fp,
         qm,
         synth.images,
         cfg,

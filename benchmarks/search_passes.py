@@ -32,7 +32,7 @@ from common import (  # noqa: E402
     cell_key,
     load_reference,
     print_table,
-    quantized_model,
+    searchable_model,
     top1,
 )
 
@@ -54,17 +54,17 @@ def pass_curve(
 
     ``keep``: a folder to save each pass's qparams.json in, to study them afterwards.
     """
-    qm = quantized_model(loaded, bits, target, calib, "minmax")  # the search's min-max start
+    fp, qm = searchable_model(loaded, bits, target, calib, "minmax", cfg)  # the min-max start
     layers = len(searchable_layers(qm))
     header = {"model": loaded.name, "target": target, "bits": bits}
     bounds = loaded.preprocess.pixel_bounds()
-    fitness = model_evaluator(cfg, loaded.model, qm, calib)  # F on the Stage 1 images
+    fitness = model_evaluator(cfg, fp, qm, calib)  # F on the Stage 1 images
     curve = []
     with tempfile.TemporaryDirectory() as run_dir:
         for p in range(cfg.passes):
             t = time.time()
             run_search(
-                loaded.model,
+                fp,
                 qm,
                 calib,
                 cfg,
@@ -112,10 +112,12 @@ def main() -> None:
     cells = Cells(args.cells, args.fresh)
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = preset(args.search_preset, seed=seed, passes=args.passes)
         images = None
         for target in args.targets.split(","):
             for bits in args.bits.split(","):
+                cfg = preset(
+                    args.search_preset, BitsSpec.parse(bits), seed=seed, passes=args.passes
+                )
                 key = cell_key(loaded, x_test, args, seed, "clamp", target, bits, "passes", cfg)
                 if args.cached_only and not cells.has(key):
                     continue
@@ -152,7 +154,10 @@ def main() -> None:
             "model": args.model,
             "eval_images": len(x_test),
             "fp32_top1": fp32,
-            "search": preset(args.search_preset, passes=args.passes).to_dict(),
+            "search": {
+                b: preset(args.search_preset, BitsSpec.parse(b), passes=args.passes).to_dict()
+                for b in args.bits.split(",")
+            },
             "runs": runs,
             "versions": versions(),
         },

@@ -141,6 +141,12 @@ def cli() -> None:
     "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."
 )
 @click.option(
+    "--equalize/--no-equalize",
+    default=None,
+    help="Search an equalized model: LayerNorm->linear, q/k and v/proj channel factors that "
+    "even out per-tensor ranges, exact in float, stored in qparams.json (default: the preset's).",
+)
+@click.option(
     "--fitness",
     type=click.Choice(FITNESS),
     help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
@@ -178,7 +184,11 @@ def quantize(**kw) -> None:
         calib_size=kw["calib_size"],
         synth_preset=kw["synth_preset"],
         search_preset=kw["search_preset"],
-        search_overrides={"cyclic": False if kw["no_cyclic"] else None, "fitness": kw["fitness"]},
+        search_overrides={
+            "cyclic": False if kw["no_cyclic"] else None,
+            "fitness": kw["fitness"],
+            "equalize": kw["equalize"],
+        },
         resume=kw["resume"],
         budget_mb=kw["budget_mb"],
         cache_dir=kw["cache_dir"],

@@ -26,8 +26,8 @@ from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
+from clamp_export.search import prepare_equalization, run_search, write_search_json
 from clamp_export.search import preset as search_preset
-from clamp_export.search import run_search, write_search_json
 from clamp_export.search.mixed import allocate_bits, summarize
 from clamp_export.synth import preset, synthesize
 
@@ -158,18 +158,21 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "cached": synth.cached,
             }
         calib_x = calib_x.to(device)
+        scfg = search_preset(cfg.search_preset, bits, seed=cfg.seed, **cfg.search_overrides)
+        fp_ref = loaded.model
+        if cfg.calib == "clamp":
+            fp_ref = prepare_equalization(loaded.model, qmodel, calib_x, scfg)
         log(
             f"calibrating {loaded.name} {bits} for {profile.name} on {len(calib_x)} {cfg.calib} images"
         )
         calibrate(qmodel, calib_x, cfg.range_method, cfg.percentile)
-        scfg = search_preset(cfg.search_preset, seed=cfg.seed, **cfg.search_overrides)
         mixed = None
         if bits.mixed:
             log(
                 f"allocating bits for {bits}"
                 + (f" under {cfg.budget_mb:g} MB" if cfg.budget_mb else "")
             )
-            mixed = allocate_bits(bits, loaded.model, qmodel, calib_x, scfg, profile, cfg.budget_mb)
+            mixed = allocate_bits(bits, fp_ref, qmodel, calib_x, scfg, profile, cfg.budget_mb)
         header = {"model": loaded.name, "target": profile.name, "bits": str(bits)}
         search_record = None
         if cfg.calib == "clamp":
@@ -182,7 +185,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "synth": json.dumps(synth_record["config"], sort_keys=True),
             }
             _, calib_x, slog = run_search(
-                loaded.model,
+                fp_ref,
                 qmodel,
                 calib_x,
                 scfg,

@@ -19,6 +19,7 @@ from torch import nn
 
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.equalize import applied_equalization, apply_equalization
 from clamp_export.quant.math import fake_quantize, level_range, params_from_range, quantize
 from clamp_export.quant.qparams import WEIGHT_ROLE, QParams, QuantPoint
 from clamp_export.quant.targets import TargetProfile
@@ -301,6 +302,15 @@ class QuantAttention(nn.Module):
         return self.proj(self.norm(x))
 
 
+@torch.no_grad()
+def _round_floats(model: nn.Module, store: torch.dtype) -> None:
+    """Round every float parameter and buffer to what the deployed graph stores."""
+    if store == torch.float16:
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+
+
 def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.Module:
     """A fake-quant copy of a timm VisionTransformer; the original is left untouched.
 
@@ -312,11 +322,7 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
 
     qmodel = copy.deepcopy(model).eval()
     store = torch.float16 if profile.float_dtype == "float16" else torch.float32
-    if store == torch.float16:
-        with torch.no_grad():
-            for t in list(qmodel.parameters()) + list(qmodel.buffers()):
-                if t.is_floating_point():
-                    t.copy_(t.half().float())
+    _round_floats(qmodel, store)
 
     def act(fixed: bool = False, nbits: int = bits.act) -> Quantizer:
         q = Quantizer(
@@ -376,6 +382,16 @@ def set_mode(model: nn.Module, mode: str) -> None:
         q.mode = mode
 
 
+def equalize_wrapped(qmodel: nn.Module, factors: dict) -> nn.Module:
+    """Equalize a fake-quant model in place, rounding the rewritten floats as its graph stores them.
+
+    Searched and reloaded models both come this way (wrap, then equalize), so they match bit for bit.
+    """
+    apply_equalization(qmodel, factors)
+    _round_floats(qmodel, next(q.store_dtype for _, _, q in quantizers(qmodel)))
+    return qmodel
+
+
 def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
     """Install every entry of ``qp`` and switch the model to fake-quant."""
     expected = {(m, r) for m, r, _ in quantizers(model)}
@@ -387,6 +403,8 @@ def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
             f"qparams.json does not match this model (missing {missing}, unexpected {extra}); "
             "it was made for another model"
         )
+    if qp.equalization != applied_equalization(model):
+        equalize_wrapped(model, qp.equalization)
     for name, role, q in quantizers(model):
         q.load_point(qp.get(name, role), f"{name}:{role}")
         q.mode = "quant"
@@ -394,7 +412,7 @@ def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
 
 
 def collect_qparams(qmodel: nn.Module, **header) -> QParams:
-    qp = QParams(**header)
+    qp = QParams(**header, equalization=applied_equalization(qmodel))
     for name, role, q in quantizers(qmodel):
         qp.set(name, role, q.point())
     return qp

@@ -2,7 +2,9 @@
 
 Keyed by module name, then by role (``input``/``weight`` on Linear and Conv modules; ``q``, ``k``,
 ``attn``, ``v`` on attention modules). Weight axes are in PyTorch layout (0 = output channel); the
-exporter maps them to the deployed layout.
+exporter maps them to the deployed layout. ``equalization`` (optional) is keyed by block name, then
+by role (``norm1``, ``norm2``, ``qk``, ``v``): the per-channel factors of the exact float rewrite
+the quantizers were searched on (quant/equalize.py); readers apply it before quantizing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import torch
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
+from clamp_export.quant.equalize import Factors, check_factors
 from clamp_export.quant.math import level_range
 from clamp_export.quant.targets import TargetProfile
 
-SCHEMA_VERSION = 2  # 2 added ``window`` (files without one read as before)
-READABLE_VERSIONS = (1, 2)
+# 2 added ``window``, 3 added ``equalization`` (files without them read as before)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHT_ROLE = "weight"
 
 
@@ -68,6 +72,7 @@ class QParams:
     bits: str
     modules: dict[str, dict[str, QuantPoint]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    equalization: Factors = field(default_factory=dict)
     version: int = SCHEMA_VERSION
 
     def get(self, module: str, role: str) -> QuantPoint:
@@ -91,6 +96,8 @@ class QParams:
         d["modules"] = {
             m: {r: _point_dict(p) for r, p in roles.items()} for m, roles in self.modules.items()
         }
+        if not d["equalization"]:
+            del d["equalization"]
         return {"version": d.pop("version"), **d}
 
     @classmethod
@@ -111,6 +118,7 @@ class QParams:
                 bits=d["bits"],
                 modules=modules,
                 metadata=d.get("metadata", {}),
+                equalization=_factors(d.get("equalization", {})),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"malformed qparams.json: {type(e).__name__}: {e}") from None
@@ -130,7 +138,7 @@ class QParams:
     # -- validation ------------------------------------------------------------------------
     def violations(self, profile: TargetProfile) -> list[str]:
         """Every way these parameters break ``profile``, one readable line each."""
-        out: list[str] = []
+        out = check_factors(self.equalization)
         for module, role, p in self.points():
             where = f"{module}:{role}"
             is_weight = role == WEIGHT_ROLE
@@ -169,6 +177,15 @@ class QParams:
         if bad:
             more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
             raise UserError(f"qparams violate target {profile.name!r}: {bad[0]}{more}")
+
+
+def _factors(raw) -> Factors:
+    if not isinstance(raw, dict) or not all(
+        isinstance(roles, dict) and all(isinstance(f, list) for f in roles.values())
+        for roles in raw.values()
+    ):
+        raise TypeError("equalization must map block -> role -> list of factors")
+    return raw
 
 
 def _point_dict(p: QuantPoint) -> dict:

@@ -2,7 +2,12 @@
 
 from clamp_export.search import config, driver, evolution, fitness, stages
 from clamp_export.search.config import PRESETS, SearchConfig, preset
-from clamp_export.search.driver import SearchLog, run_search, write_search_json
+from clamp_export.search.driver import (
+    SearchLog,
+    prepare_equalization,
+    run_search,
+    write_search_json,
+)
 
 __all__ = [
     "config",
@@ -14,6 +19,7 @@ __all__ = [
     "SearchConfig",
     "SearchLog",
     "preset",
+    "prepare_equalization",
     "run_search",
     "write_search_json",
 ]

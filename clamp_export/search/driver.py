@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
-from clamp_export.quant.fakequant import _QuantWeighted, collect_qparams, load_qparams, set_mode
+from clamp_export.quant.equalize import equalization_factors, equalized
+from clamp_export.quant.fakequant import (
+    _QuantWeighted,
+    collect_qparams,
+    equalize_wrapped,
+    load_qparams,
+    set_mode,
+)
 from clamp_export.quant.qparams import QParams
 from clamp_export.search import stages
 from clamp_export.search.channels import scan_weight_channels
@@ -218,6 +225,22 @@ def _load_checkpoint(path: Path, identity: dict) -> dict:
                 f"({saved.get(key)!r}, now {identity.get(key)!r}); use another --out or drop --resume"
             )
     return ckpt
+
+
+def prepare_equalization(
+    fp_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, cfg: SearchConfig
+) -> nn.Module:
+    """Equalize ``qmodel`` (not yet calibrated) in place when ``cfg.equalize``; returns the float
+    reference to search it against.
+
+    The reference computes what ``fp_model`` computes, rewritten the same way, so the search
+    compares like with like inside each block. The factors reach ``qparams.json`` with ``qmodel``.
+    """
+    if not cfg.equalize:
+        return fp_model
+    factors = equalization_factors(fp_model, images)
+    equalize_wrapped(qmodel, factors)
+    return equalized(fp_model, factors)
 
 
 def run_search(

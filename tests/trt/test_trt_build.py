@@ -10,25 +10,30 @@ from clamp_export.export.qdq import export_qdq
 from clamp_export.models import load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
-from clamp_export.quant.fakequant import wrap_model
+from clamp_export.quant.equalize import equalization_factors
+from clamp_export.quant.fakequant import equalize_wrapped, wrap_model
 from clamp_export.quant.targets import get_profile
 from tests.conftest import requires_fmnist, requires_trt
 
 pytestmark = [pytest.mark.trt, requires_trt]
 
 
-def _export(target: str, bits: str, path):
+def _export(target: str, bits: str, path, equalize: bool = False):
     loaded = load_model("fmnist_vit")
     profile = get_profile(target)
     calib, _ = load_images("fmnist-train", loaded.preprocess, limit=32, shuffle=True)
-    qm = calibrate(wrap_model(loaded.model, BitsSpec.parse(bits), profile), calib)
+    qm = wrap_model(loaded.model, BitsSpec.parse(bits), profile)
+    if equalize:
+        equalize_wrapped(qm, equalization_factors(loaded.model, calib))
+    calibrate(qm, calib)
     return export_qdq(qm, loaded.preprocess.input_size, profile, path)
 
 
 @requires_fmnist
-@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])  # w4a4: Clip windows off-centre
-def test_trt_profile_graph_parses_and_builds(tmp_path, bits):
-    proto = _export("trt", bits, tmp_path / "m.onnx")
+# w4a4: Clip windows off-centre, and LayerNorm/weights rewritten by the channel equalization
+@pytest.mark.parametrize("bits,equalize", [("w8a8", False), ("w4a8", False), ("w4a4", True)])
+def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize):
+    proto = _export("trt", bits, tmp_path / "m.onnx", equalize)
     assert lint(proto, get_profile("trt")) == []
     res = build_engine(
         tmp_path / "m.onnx", tmp_path / "m.engine", input_shape=(1, 28, 28), batch=(1, 8, 64)

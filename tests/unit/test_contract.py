@@ -43,7 +43,7 @@ def test_qparams_json_round_trip(tiny_vit, tmp_path, target, bits):
     back = QParams.load(path)
     assert back.to_dict() == qp.to_dict()
     raw = json.loads(path.read_text())
-    assert raw["version"] == 2
+    assert raw["version"] == 3
     assert set(raw["modules"]["blocks.0.attn"]) == {"q", "k", "attn", "v"}
     assert set(raw["modules"]["blocks.1.mlp.fc2"]) == {"input", "weight"}
     w = back.get("blocks.0.attn.qkv", "weight")

@@ -15,7 +15,7 @@ from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import load_qparams, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
-from clamp_export.search import SearchConfig, driver, run_search
+from clamp_export.search import SearchConfig, driver, prepare_equalization, run_search
 from clamp_export.search.fitness import local_contrastive
 from tests.conftest import make_tiny
 
@@ -28,11 +28,13 @@ def _search(target="ort", bits="w4a4", run_dir=None, resume=False, stop_after=No
     torch.manual_seed(0)
     model = make_tiny()
     x = noise_images(8, PRE)
-    qm = calibrate(wrap_model(model, BitsSpec.parse(bits), get_profile(target)), x)
+    qm = wrap_model(model, BitsSpec.parse(bits), get_profile(target))
     scfg = SearchConfig(**{**SMALL, "cyclic": False, **cfg})
+    fp = prepare_equalization(model, qm, x, scfg)
+    calibrate(qm, x)
     header = {**HEADER, "target": target, "bits": bits}
     qp, images, log = run_search(
-        model,
+        fp,
         qm,
         x,
         scfg,
@@ -80,16 +82,15 @@ def test_trt_search_keeps_zero_points_at_zero():
     assert qp_ort.violations(get_profile("ort")) == []
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    _, _, full, full_images, _ = _search(run_dir=tmp_path / "a", cyclic=True, refresh_steps=1)
-    _search(
-        run_dir=tmp_path / "b", cyclic=True, refresh_steps=1, stop_after=7
-    )  # "killed" after 7 layers
+@pytest.mark.parametrize("equalize", [False, True])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, equalize):
+    kw = dict(cyclic=True, refresh_steps=1, equalize=equalize)
+    _, _, full, full_images, _ = _search(run_dir=tmp_path / "a", **kw)
+    _search(run_dir=tmp_path / "b", stop_after=7, **kw)  # "killed" after 7 layers
     ckpt = torch.load(tmp_path / "b" / driver.CHECKPOINT, weights_only=False)
     assert ckpt["next"] == 7
-    _, _, resumed, resumed_images, log = _search(
-        run_dir=tmp_path / "b", cyclic=True, refresh_steps=1, resume=True
-    )
+    assert bool(ckpt["qparams"].get("equalization")) == equalize
+    _, _, resumed, resumed_images, log = _search(run_dir=tmp_path / "b", resume=True, **kw)
     assert resumed.to_dict() == full.to_dict()
     assert torch.equal(resumed_images, full_images)
     assert len(log.layers) == 2 * 12  # the records from before the kill are kept
@@ -137,7 +138,8 @@ def test_searched_model_exports_with_parity(tmp_path):
         )
         == []
     )
-    _, qm_ort, qp_ort, _, _ = _search(target="ort", bits="w4a8")
+    _, qm_ort, qp_ort, _, _ = _search(target="ort", bits="w4a8", equalize=True)
+    assert set(qp_ort.equalization) == {"blocks.0", "blocks.1"}
     fresh = load_qparams(wrap_model(model, BitsSpec.parse("w4a8"), get_profile("ort")), qp_ort)
     export_qdq(fresh, PRE.input_size, get_profile("ort"), tmp_path / "o.onnx")
     x = noise_images(200, PRE, seed=9)
