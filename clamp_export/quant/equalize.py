@@ -143,7 +143,7 @@ def apply_equalization(model: nn.Module, factors: Factors) -> nn.Module:
             if role not in allowed:
                 raise UserError(f"{name}:{role} cannot be equalized exactly in this model")
             r = torch.tensor(f, dtype=w.dtype, device=w.device)
-            expected = blk.norm1.normalized_shape[0] if role in ("norm1", "norm2") else c
+            expected = getattr(blk, role).normalized_shape[0] if role in ("norm1", "norm2") else c
             if r.numel() != expected:
                 raise UserError(
                     f"{name}:{role} has {r.numel()} equalization factors for {expected} channels; "
