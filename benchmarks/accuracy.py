@@ -3,7 +3,8 @@
 Methods: noise / psaq / clamp-synth / real (32 train images) calibration with min-max and with
 percentile ranges; full CLAMP (Stage 1 + search + cyclic, fitness L_C2, channel scan); the same
 search on the real images instead of Stage 1's; and the ablations: no channel scan, no cyclic
-adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only. Ladder
+adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only; and a
+``-twin`` variant of each baseline and of full CLAMP, with a twin-uniform softmax output. Ladder
 W8A8 ... W3A4 and mixed precision under the ort and trt profiles, mean ± std over seeds, time per
 method.
 
@@ -62,8 +63,19 @@ CLAMP = {
 }
 
 
+TWIN = "-twin"  # a method name with this suffix: the same recipe, twin-uniform softmax output
+
+
+def softmax_of(method: str) -> tuple[str, str]:
+    """(method without the suffix, softmax levels for wrap_model)."""
+    if method.endswith(TWIN):
+        return method.removesuffix(TWIN), "twin"
+    return method, "uniform"
+
+
 def recipe(method: str, seed: int, bits: str, search: str = "default"):
     """(image source, range method, SearchConfig or None) for a method name of this benchmark."""
+    method = softmax_of(method)[0]
     if method in CLAMP:
         source, overrides = CLAMP[method]
         return source, "minmax", search_preset(search, BitsSpec.parse(bits), seed=seed, **overrides)
@@ -77,7 +89,8 @@ def recipe(method: str, seed: int, bits: str, search: str = "default"):
 
 def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
-    ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP)))
+    twin = tuple(m + TWIN for m in (*BASELINES, "clamp"))
+    ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP) + twin))
     ap.add_argument("--search-preset", default="default")
     args = ap.parse_args()
 
@@ -93,6 +106,7 @@ def main() -> None:
             for bits in args.bits.split(","):
                 for method in methods:
                     src, rng, search = recipe(method, seed, bits, args.search_preset)
+                    softmax = softmax_of(method)[1]
                     key = cell_key(
                         loaded,
                         x_test,
@@ -103,6 +117,7 @@ def main() -> None:
                         bits,
                         "search" if search else rng,  # the search config says which
                         search,
+                        softmax,
                     )
                     if args.cached_only and not cells.has(key):
                         continue
@@ -114,7 +129,7 @@ def main() -> None:
                     rec = evaluate_cell(
                         cells,
                         key,
-                        lambda: quantized_model(loaded, bits, target, calib, rng, search),  # noqa: B023
+                        lambda: quantized_model(loaded, bits, target, calib, rng, search, softmax),  # noqa: B023
                         x_test,
                         y_test,
                     )

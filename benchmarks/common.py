@@ -145,7 +145,9 @@ class Cells:
         return self.records[k]
 
 
-def searchable_model(loaded, bits: str, target: str, calib, rng: str, search=None):
+def searchable_model(
+    loaded, bits: str, target: str, calib, rng: str, search=None, softmax: str = "uniform"
+):
     """(float reference, calibrated fake-quant model): where a search on ``calib`` starts.
 
     ``search`` (a SearchConfig) decides the equalization; mixed precision allocates bits with the
@@ -160,7 +162,7 @@ def searchable_model(loaded, bits: str, target: str, calib, rng: str, search=Non
     from clamp_export.search.mixed import allocate_bits
 
     spec, profile = BitsSpec.parse(bits), get_profile(target)
-    qm = wrap_model(loaded.model, spec, profile)
+    qm = wrap_model(loaded.model, spec, profile, softmax)
     fp = loaded.model if search is None else prepare_equalization(loaded.model, qm, calib, search)
     calibrate(qm, calib, rng)
     if spec.mixed:
@@ -168,11 +170,13 @@ def searchable_model(loaded, bits: str, target: str, calib, rng: str, search=Non
     return fp, qm
 
 
-def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None):
+def quantized_model(
+    loaded, bits: str, target: str, calib, rng: str, search=None, softmax: str = "uniform"
+):
     """Calibrated fake-quant model; ``search`` (a SearchConfig) runs Stage 2 on ``calib``."""
     from clamp_export.search import run_search
 
-    fp, qm = searchable_model(loaded, bits, target, calib, rng, search)
+    fp, qm = searchable_model(loaded, bits, target, calib, rng, search, softmax)
     if search is not None:
         header = {"model": loaded.name, "target": target, "bits": bits}
         run_search(fp, qm, calib, search, header, loaded.preprocess.pixel_bounds(), progress=False)
@@ -180,7 +184,16 @@ def quantized_model(loaded, bits: str, target: str, calib, rng: str, search=None
 
 
 def cell_key(
-    loaded, x_test, args, seed: int, source: str, target: str, bits: str, method: str, search=None
+    loaded,
+    x_test,
+    args,
+    seed: int,
+    source: str,
+    target: str,
+    bits: str,
+    method: str,
+    search=None,
+    softmax: str = "uniform",
 ) -> dict:
     """Everything that decides a cell's number (``search``: the Stage 2 config, if any)."""
     key = {
@@ -196,6 +209,8 @@ def cell_key(
         "bits": bits,
         "method": method,
     }
+    if softmax != "uniform":  # keys of cells measured before the option are unchanged
+        key["softmax"] = softmax
     return key if search is None else {**key, "search": search.to_dict()}
 
 

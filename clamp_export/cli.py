@@ -10,6 +10,7 @@ import sys
 import click
 
 from clamp_export.errors import UserError
+from clamp_export.quant.bits import SOFTMAX_LEVELS
 from clamp_export.search.config import FITNESS
 
 DEFAULT_COMMAND = "quantize"
@@ -159,6 +160,15 @@ def cli() -> None:
 )
 @click.option("--percentile", default=99.99, show_default=True, type=float)
 @click.option(
+    "--softmax",
+    type=click.Choice(SOFTMAX_LEVELS),
+    default="uniform",
+    show_default=True,
+    help="Levels of the softmax output: one uniform grid, or twin-uniform (fine steps below 1/8, "
+    "coarse above, the same bit count; two int8 attn @ v matmuls). Twin gains at 4-bit "
+    "activations.",
+)
+@click.option(
     "--qparams",
     "qparams_file",
     type=click.Path(dir_okay=False),
@@ -194,6 +204,7 @@ def quantize(**kw) -> None:
         cache_dir=kw["cache_dir"],
         range_method=kw["range_method"],
         percentile=kw["percentile"],
+        softmax=kw["softmax"],
         qparams=kw["qparams_file"],
         eval_data=kw["eval_data"],
         eval_limit=kw["eval_limit"],

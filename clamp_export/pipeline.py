@@ -60,6 +60,7 @@ class RunConfig:
     budget_mb: float | None = None  # mixed precision under a model-size budget
     cache_dir: str | None = "calib"
     range_method: str = "minmax"
+    softmax: str = "uniform"  # levels of the softmax output: uniform or twin (fakequant.wrap_model)
     percentile: float = 99.99
     qparams: str | None = None  # reuse a qparams.json instead of calibrating
     eval_data: str | None = None
@@ -126,7 +127,7 @@ def run(cfg: RunConfig, log=print) -> dict:
     eval_x = eval_y = None
     if cfg.eval_data:
         eval_x, eval_y = load_images(cfg.eval_data, pre, limit=cfg.eval_limit)
-    qmodel = wrap_model(loaded.model, bits, profile)
+    qmodel = wrap_model(loaded.model, bits, profile, cfg.softmax)
     if cfg.budget_mb is not None and not bits.mixed:
         bits = BitsSpec(weight=8, act=8, mp_weight=8.0)  # the budget sets the average weight bits
     if cfg.qparams:
@@ -182,6 +183,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "weights_sha256": loaded.weights_sha256,
                 "bits": str(bits),
                 "target": profile.name,
+                "softmax": cfg.softmax,
                 "synth": json.dumps(synth_record["config"], sort_keys=True),
             }
             _, calib_x, slog = run_search(

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 
 from clamp_export.errors import UserError
 
+# how the softmax output's 2^b levels are laid out: one uniform grid, or twin-uniform (a fine grid
+# below 1/8 of its range and a coarse one above; quant.math.twin_scale)
+SOFTMAX_LEVELS = ("uniform", "twin")
+
 _PATTERN = re.compile(r"^w([2-8])a([2-8])$")
 _MP_PATTERN = re.compile(r"^mp:(\d+(?:\.\d+)?)(?:x(\d+(?:\.\d+)?))?$")
 

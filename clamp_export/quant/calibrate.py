@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from clamp_export.quant.fakequant import _QuantWeighted, quantizers, set_mode
-from clamp_export.quant.math import params_from_range
 from clamp_export.quant.observers import make_observer
 
 RANGE_METHODS = ("minmax", "percentile")
@@ -22,7 +21,7 @@ def calibrate_weights(qmodel: nn.Module) -> None:
             q = mod.weight_q
             w = mod.weight.detach().float().flatten(1)
             q.calib_range = (w.min(1).values, w.max(1).values)  # set_bits re-derives from it
-            q.set_params(*params_from_range(*q.calib_range, q.qmin, q.qmax, q.symmetric))
+            q.set_params(*q.range_params(*q.calib_range))
 
 
 @torch.no_grad()
@@ -48,7 +47,7 @@ def calibrate_activations(
             lo, hi = q.observer.range(q.symmetric)
             q.observer = None
         q.calib_range = (lo.reshape(1), hi.reshape(1))
-        q.set_params(*params_from_range(*q.calib_range, q.qmin, q.qmax, q.symmetric))
+        q.set_params(*q.range_params(*q.calib_range))
     set_mode(qmodel, "quant")
 
 

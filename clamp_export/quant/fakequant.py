@@ -18,9 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from clamp_export.errors import UserError
-from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.bits import SOFTMAX_LEVELS, BitsSpec
 from clamp_export.quant.equalize import applied_equalization, apply_equalization
-from clamp_export.quant.math import fake_quantize, level_range, params_from_range, quantize
+from clamp_export.quant.math import (
+    fake_quantize,
+    level_range,
+    params_from_range,
+    quantize,
+    twin_levels,
+    twin_scale,
+    twin_split,
+)
 from clamp_export.quant.qparams import WEIGHT_ROLE, QParams, QuantPoint
 from clamp_export.quant.targets import TargetProfile
 
@@ -98,6 +106,10 @@ class Quantizer(nn.Module):
         self.calib_range: tuple[torch.Tensor, torch.Tensor] | None = None  # set by calibration
         self._cached_weight: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
         self._zp_is_zero = True  # set_params keeps it current; fake_quantize then skips the zp
+        # twin-uniform levels (the softmax output, ``wrap_model(softmax="twin")``): fine and coarse
+        # parts, each its own Q/DQ into its own matmul; see ``parts``
+        self.twin = False
+        self._twin_threshold = 0.0
 
     def set_bits(self, bits: int) -> None:
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
@@ -105,7 +117,13 @@ class Quantizer(nn.Module):
             raise RuntimeError("set_bits needs a calibrated quantizer (no calibration range)")
         self.bits = bits
         self.qmin, self.qmax = level_range(bits, self.signed)
-        self.set_params(*params_from_range(*self.calib_range, self.qmin, self.qmax, self.symmetric))
+        self.set_params(*self.range_params(*self.calib_range))
+
+    def range_params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero-point that cover [lo, hi] with this quantizer's levels."""
+        if self.twin:
+            return twin_scale(hi.float(), self.bits), torch.zeros_like(hi, dtype=torch.int32)
+        return params_from_range(lo, hi, self.qmin, self.qmax, self.symmetric)
 
     @property
     def is_weight(self) -> bool:
@@ -114,7 +132,7 @@ class Quantizer(nn.Module):
     @property
     def slides(self) -> bool:
         """Below 8 bits a window quantizer's levels are a Clip on the int8 grid, free to move."""
-        return self.window and self.bits < 8
+        return self.window and self.bits < 8 and not self.twin
 
     @property
     def symmetric(self) -> bool:
@@ -124,11 +142,13 @@ class Quantizer(nn.Module):
         - z equals clamp(round(x/s), qmin - z, qmax - z), so its zero-point z is the window's
         offset, and the graph writes that window as Clip bounds with zero-point 0.
         """
-        return self._symmetric and not self.slides
+        return self.twin or (self._symmetric and not self.slides)
 
     def graph_levels(self) -> tuple[int, int, int]:
         """(zero-point, lowest level, highest level) of an activation, as the graph writes them."""
         z = int(self.zero_point)
+        if self.twin:  # each part: zero-point 0, levels 0 .. n-1
+            return 0, 0, twin_levels(self.bits) - 1
         if self.slides:
             return 0, self.qmin - z, self.qmax - z
         return z, self.qmin, self.qmax
@@ -141,6 +161,9 @@ class Quantizer(nn.Module):
         self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
         self._zp_is_zero = not bool(self.zero_point.any())
         self._cached_weight = None
+        if self.twin:  # the split point, as the graph stores it
+            t = (twin_levels(self.bits) - 0.5) * float(self.scale)
+            self._twin_threshold = float(torch.tensor(t).to(self.store_dtype))
 
     def point(self) -> QuantPoint:
         if self.slides:
@@ -150,7 +173,7 @@ class Quantizer(nn.Module):
                 self.bits, self.signed, self.scale, zeros, self.axis, window=(lo, hi)
             )
         return QuantPoint.from_tensors(
-            self.bits, self.signed, self.scale, self.zero_point, self.axis
+            self.bits, self.signed, self.scale, self.zero_point, self.axis, twin=self.twin
         )
 
     def load_point(self, p: QuantPoint, where: str) -> None:
@@ -161,7 +184,7 @@ class Quantizer(nn.Module):
                 f"but the model was built for {'int' if self.signed else 'uint'} axis={self.axis}; "
                 "re-run calibration with the same --target"
             )
-        self.bits = p.bits
+        self.bits, self.twin = p.bits, p.twin
         self.qmin, self.qmax = level_range(p.bits, p.signed)
         scale, zp = p.tensors()
         if p.window is not None:
@@ -179,12 +202,38 @@ class Quantizer(nn.Module):
         if self.mode == "observe":
             self.observer.update(x)
             return x
+        if self.twin:
+            raise RuntimeError("a twin-uniform quantizer feeds two matmuls: call parts(x)")
         if self.exporting and not self.is_weight:
             return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
         if self.store_dtype == torch.float16 and not self.is_weight:
             x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
         zp = None if self._zp_is_zero else self.zero_point
         return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fake-quantized terms whose products with the next operand sum to its product.
+
+        One term, except for a twin-uniform quantizer in ``quant`` mode: its fine and coarse
+        parts, each on a uniform grid of its own, so each product is an ordinary INT8 matmul.
+        """
+        if not (self.twin and self.mode == "quant"):
+            return (self(x),)
+        n = twin_levels(self.bits)
+        if self.exporting:
+            s = float(self.scale)
+            fine, coarse = twin_split(x, self._twin_threshold)
+            return (
+                _QDQ.apply(fine, s, 0, 0, n - 1, self.signed),
+                _QDQ.apply(coarse, s * n, 0, 0, n - 1, self.signed),
+            )
+        if self.store_dtype == torch.float16:
+            x = x.half().float()
+        fine, coarse = twin_split(x, self._twin_threshold)
+        return (
+            fake_quantize(fine, self.scale, None, 0, n - 1),
+            fake_quantize(coarse, self.scale * n, None, 0, n - 1),
+        )
 
     def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, reused until the parameters or the weight change.
@@ -210,7 +259,7 @@ class Quantizer(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        kind = "int" if self.signed else "uint"
+        kind = "twin " if self.twin else ("int" if self.signed else "uint")
         return f"{kind}{self.bits}, axis={self.axis}, mode={self.mode}"
 
 
@@ -294,8 +343,11 @@ class QuantAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q = self.q(q * self.scale)
         kt = self.k(k.transpose(-2, -1))
-        attn = self.attn((q @ kt).softmax(dim=-1))
-        x = attn @ self.v(v)
+        vq = self.v(v)
+        parts = self.attn.parts((q @ kt).softmax(dim=-1))
+        x = parts[0] @ vq
+        for p in parts[1:]:  # twin-uniform softmax output: one matmul per part
+            x = x + p @ vq
         if self.on_output is not None:
             self.on_output(x)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
@@ -311,15 +363,24 @@ def _round_floats(model: nn.Module, store: torch.dtype) -> None:
                 t.copy_(t.half().float())
 
 
-def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.Module:
+def wrap_model(
+    model: nn.Module, bits: BitsSpec, profile: TargetProfile, softmax: str = "uniform"
+) -> nn.Module:
     """A fake-quant copy of a timm VisionTransformer; the original is left untouched.
 
     The patch embedding and the head(s) keep ``bits.edge`` bits on input and weight (DESIGN §2).
+    ``softmax="twin"`` gives the softmax output twin-uniform levels (fine below 1/8 of its range,
+    coarse above: ``quant.math.twin_scale``) at the same bit count, fixed to cover [0, 1] and
+    deployed as two Q/DQ'd parts, each in its own ``attn @ v`` matmul.
     Under an FP16 profile every float parameter and scale is rounded to FP16, as the deployed
     graph stores them, so the fake-quant model computes what the engine computes.
     """
     from timm.models.vision_transformer import Attention
 
+    if softmax not in SOFTMAX_LEVELS:
+        raise UserError(
+            f"unknown softmax levels {softmax!r}; choose one of: {', '.join(SOFTMAX_LEVELS)}"
+        )
     qmodel = copy.deepcopy(model).eval()
     store = torch.float16 if profile.float_dtype == "float16" else torch.float32
     _round_floats(qmodel, store)
@@ -333,6 +394,7 @@ def wrap_model(model: nn.Module, bits: BitsSpec, profile: TargetProfile) -> nn.M
             window=profile.act_window,
         )
         q.fixed_range = (0.0, 1.0) if fixed else None
+        q.twin = fixed and softmax == "twin"
         return q
 
     def weight(nbits: int) -> Quantizer:

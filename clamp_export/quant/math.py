@@ -105,3 +105,30 @@ def params_from_range(
     scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
     zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
     return scale.float(), zp
+
+
+def twin_levels(bits: int) -> int:
+    """Levels in each part of a ``bits``-bit twin-uniform quantizer: the top bit picks the part."""
+    return 2 ** (bits - 1)
+
+
+def twin_scale(hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fine scale of a twin-uniform quantizer whose coarse part tops out at ``hi``.
+
+    The coarse scale is ``twin_levels(bits)`` times the fine one, so the fine levels reach just
+    below the first coarse level and the two parts together hold 2^b distinct values (one of them
+    0) spaced like a two-step logarithm: at 4 bits, steps of 1/56 up to 7/56, then of 1/7.
+    """
+    n = twin_levels(bits)
+    return hi / ((n - 1) * n)
+
+
+def twin_split(
+    x: torch.Tensor, threshold: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fine part, coarse part) of ``x``: every element goes to exactly one, the other holds 0.
+
+    ``threshold`` is where rounding on the fine grid would leave its top level (top + 1/2).
+    """
+    fine = torch.where(x < threshold, x, 0.0)
+    return fine, x - fine

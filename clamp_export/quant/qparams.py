@@ -22,9 +22,9 @@ from clamp_export.quant.equalize import Factors, check_factors
 from clamp_export.quant.math import level_range
 from clamp_export.quant.targets import TargetProfile
 
-# 2 added ``window``, 3 added ``equalization`` (files without them read as before)
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 2 added ``window``, 3 ``equalization``, 4 ``twin`` (files without them read as before)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 WEIGHT_ROLE = "weight"
 
 
@@ -38,6 +38,9 @@ class QuantPoint:
     # [lowest, highest] integer level the graph clips to, where the target lets the levels
     # slide along the int8 grid (TargetProfile.act_window); None: the centred levels of ``bits``
     window: list[int] | None = None
+    # twin-uniform levels (quant.math.twin_scale): ``scale`` is the fine part's; the coarse part's
+    # is 2^(bits-1) times it, and both parts have zero-point 0 and levels 0 .. 2^(bits-1)-1
+    twin: bool = False
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -54,6 +57,7 @@ class QuantPoint:
         zp: torch.Tensor,
         axis: int | None,
         window: tuple[int, int] | None = None,
+        twin: bool = False,
     ) -> QuantPoint:
         return cls(
             bits=bits,
@@ -62,6 +66,7 @@ class QuantPoint:
             zero_point=[int(z) for z in zp.flatten()],
             axis=axis,
             window=None if window is None else [int(window[0]), int(window[1])],
+            twin=twin,
         )
 
 
@@ -166,6 +171,11 @@ class QParams:
                 out.append(f"{where}: zero-point outside [{qmin}, {qmax}]")
             if p.window is not None:
                 out.extend(_window_violations(where, p, profile, is_weight))
+            if p.twin and (is_weight or p.window is not None or any(p.zero_point)):
+                out.append(
+                    f"{where}: twin-uniform levels are only for activations, with zero-point 0 "
+                    "and no window"
+                )
             if is_weight and profile.weight_axis_per_channel and p.axis != 0:
                 out.append(f"{where}: weights must be per-output-channel (axis 0)")
             if not is_weight and (p.axis is not None or len(p.scale) != 1):
@@ -192,6 +202,8 @@ def _point_dict(p: QuantPoint) -> dict:
     d = asdict(p)
     if d["window"] is None:  # the common case: keep files as they were before windows
         del d["window"]
+    if not d["twin"]:
+        del d["twin"]
     return d
 
 

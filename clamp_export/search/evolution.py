@@ -19,7 +19,8 @@ def layer_quantizers(module) -> list[Quantizer]:
     if isinstance(module, _QuantWeighted):
         return [module.input_q, module.weight_q]
     if isinstance(module, QuantAttention):
-        return [module.q, module.k, module.attn, module.v]
+        # a twin-uniform softmax output keeps its data-free levels (its range is [0, 1])
+        return [q for q in (module.q, module.k, module.attn, module.v) if not q.twin]
     raise TypeError(f"not a searchable layer: {type(module).__name__}")
 
 

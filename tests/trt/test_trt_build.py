@@ -18,11 +18,11 @@ from tests.conftest import requires_fmnist, requires_trt
 pytestmark = [pytest.mark.trt, requires_trt]
 
 
-def _export(target: str, bits: str, path, equalize: bool = False):
+def _export(target: str, bits: str, path, equalize: bool = False, softmax: str = "uniform"):
     loaded = load_model("fmnist_vit")
     profile = get_profile(target)
     calib, _ = load_images("fmnist-train", loaded.preprocess, limit=32, shuffle=True)
-    qm = wrap_model(loaded.model, BitsSpec.parse(bits), profile)
+    qm = wrap_model(loaded.model, BitsSpec.parse(bits), profile, softmax)
     if equalize:
         equalize_wrapped(qm, equalization_factors(loaded.model, calib))
     calibrate(qm, calib)
@@ -30,10 +30,14 @@ def _export(target: str, bits: str, path, equalize: bool = False):
 
 
 @requires_fmnist
-# w4a4: Clip windows off-centre, and LayerNorm/weights rewritten by the channel equalization
-@pytest.mark.parametrize("bits,equalize", [("w8a8", False), ("w4a8", False), ("w4a4", True)])
-def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize):
-    proto = _export("trt", bits, tmp_path / "m.onnx", equalize)
+# w4a4: Clip windows off-centre, LayerNorm/weights rewritten by the channel equalization, and the
+# twin-uniform softmax output's Where split into two Q/DQ'd attn @ v matmuls
+@pytest.mark.parametrize(
+    "bits,equalize,softmax",
+    [("w8a8", False, "uniform"), ("w4a8", False, "uniform"), ("w4a4", True, "twin")],
+)
+def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize, softmax):
+    proto = _export("trt", bits, tmp_path / "m.onnx", equalize, softmax)
     assert lint(proto, get_profile("trt")) == []
     res = build_engine(
         tmp_path / "m.onnx", tmp_path / "m.engine", input_shape=(1, 28, 28), batch=(1, 8, 64)

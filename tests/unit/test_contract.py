@@ -11,6 +11,7 @@ from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import collect_qparams, load_qparams, wrap_model
 from clamp_export.quant.qparams import QParams, QuantPoint
 from clamp_export.quant.targets import get_profile
+from clamp_export.search.evolution import layer_quantizers
 
 PRE = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 16, 16))
 
@@ -29,21 +30,28 @@ def test_bits_malformed(text):
         BitsSpec.parse(text)
 
 
-def _calibrated(tiny_vit, target: str, bits: str = "w4a8") -> tuple:
+def _calibrated(tiny_vit, target: str, bits: str = "w4a8", softmax: str = "uniform") -> tuple:
     profile = get_profile(target)
-    qm = calibrate(wrap_model(tiny_vit, BitsSpec.parse(bits), profile), noise_images(8, PRE))
+    qm = calibrate(
+        wrap_model(tiny_vit, BitsSpec.parse(bits), profile, softmax), noise_images(8, PRE)
+    )
     return qm, collect_qparams(qm, model="tiny", target=target, bits=bits, metadata={"seed": 0})
 
 
-@pytest.mark.parametrize("target,bits", [("ort", "w4a8"), ("trt", "w4a4")])
-def test_qparams_json_round_trip(tiny_vit, tmp_path, target, bits):
-    qm, qp = _calibrated(tiny_vit, target, bits)
+@pytest.mark.parametrize(
+    "target,bits,softmax",
+    [("ort", "w4a8", "uniform"), ("trt", "w4a4", "uniform"), ("ort", "w4a4", "twin")],
+)
+def test_qparams_json_round_trip(tiny_vit, tmp_path, target, bits, softmax):
+    qm, qp = _calibrated(tiny_vit, target, bits, softmax)
     path = tmp_path / "qparams.json"
     qp.save(path)
     back = QParams.load(path)
     assert back.to_dict() == qp.to_dict()
     raw = json.loads(path.read_text())
-    assert raw["version"] == 3
+    assert raw["version"] == 4
+    assert raw["modules"]["blocks.0.attn"]["attn"].get("twin", False) == (softmax == "twin")
+    assert "twin" not in raw["modules"]["blocks.0.attn"]["q"]  # written only where it is on
     assert set(raw["modules"]["blocks.0.attn"]) == {"q", "k", "attn", "v"}
     assert set(raw["modules"]["blocks.1.mlp.fc2"]) == {"input", "weight"}
     w = back.get("blocks.0.attn.qkv", "weight")
@@ -116,6 +124,36 @@ def test_validation_rejects_bad_windows(tiny_vit, target, point, window, message
     _, qp = _calibrated(tiny_vit, target, "w4a4")
     qp.get(*point).window = window
     assert any(message in v for v in qp.violations(get_profile(target)))
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_twin_softmax_levels_cover_0_to_1_in_two_steps(tiny_vit, target):
+    qm, qp = _calibrated(tiny_vit, target, "w4a4", "twin")
+    soft = qp.get("blocks.0.attn", "attn")
+    assert soft.twin and soft.zero_point == [0] and soft.window is None
+    assert soft.scale[0] == pytest.approx(1 / 56, rel=1e-3)  # coarse step 8/56 = 1/7: 7/7 = 1
+    assert qp.violations(get_profile(target)) == []
+    q = qm.blocks[0].attn.attn
+    p = torch.tensor([0.0, 0.01, 0.05, 0.124, 0.14, 0.2, 0.55, 0.99, 1.0])
+    fine, coarse = q.parts(p)
+    s = soft.scale[0]
+    assert torch.allclose(fine, torch.tensor([0, 1, 3, 7, 0, 0, 0, 0, 0]) * s)
+    assert torch.allclose(coarse, torch.tensor([0, 0, 0, 0, 1, 1, 4, 7, 7]) * 8 * s)
+    # every value lands in exactly one part: 15 distinct values, 0 included (within 4 bits)
+    parts = q.parts(torch.linspace(0, 1, 2001))
+    assert ((parts[0] != 0) & (parts[1] != 0)).sum() == 0
+    assert len({round(float(v), 6) for v in torch.cat(parts)}) == 15
+    # the search leaves the data-free levels alone; the model refuses a one-term call
+    assert q not in layer_quantizers(qm.blocks[0].attn)
+    with pytest.raises(RuntimeError, match="call parts"):
+        q(p)
+
+
+@pytest.mark.parametrize("point", [("blocks.0.attn", "q"), ("blocks.0.mlp.fc1", "weight")])
+def test_validation_rejects_twin_where_it_cannot_run(tiny_vit, point):
+    _, qp = _calibrated(tiny_vit, "trt", "w4a4")
+    qp.get(*point).twin = True
+    assert any("twin-uniform levels are only" in v for v in qp.violations(get_profile("trt")))
 
 
 def test_version_1_files_read_as_centred_levels(tiny_vit):

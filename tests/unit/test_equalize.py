@@ -103,7 +103,7 @@ def test_factors_travel_in_qparams_and_rebuild_the_same_model(tmp_path, target, 
     path = tmp_path / "qparams.json"
     qp.save(path)
     raw = json.loads(path.read_text())
-    assert raw["version"] == 3 and set(raw["equalization"]["blocks.1"]) == {
+    assert raw["version"] == 4 and set(raw["equalization"]["blocks.1"]) == {
         "norm1",
         "norm2",
         "qk",

@@ -20,10 +20,10 @@ from tests.conftest import make_tiny
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
 
 
-def _export(model, target, bits, tmp_path, calib_seed=0):
+def _export(model, target, bits, tmp_path, calib_seed=0, softmax="uniform"):
     profile = get_profile(target)
     qm = calibrate(
-        wrap_model(model, BitsSpec.parse(bits), profile), noise_images(16, PRE, calib_seed)
+        wrap_model(model, BitsSpec.parse(bits), profile, softmax), noise_images(16, PRE, calib_seed)
     )
     path = tmp_path / f"{target}_{bits}.onnx"
     proto = export_qdq(qm, PRE.input_size, profile, path)
@@ -70,6 +70,37 @@ def test_trt_windows_export_as_clip_bounds_with_zero_point_0(tiny_vit, tmp_path)
     fp32 = dataclasses.replace(get_profile("trt"), float_dtype="float32", opset=17)
     qm = calibrate(wrap_model(tiny_vit, BitsSpec.parse("w4a4"), fp32), noise_images(16, PRE, 0))
     assert any(q.slides and q.graph_levels()[1] != -8 for _, _, q in quantizers(qm))
+    export_qdq(qm, PRE.input_size, fp32, tmp_path / "fp32.onnx")
+    ref, out = TorchRunner(qm, "fq")(x), OrtRunner(tmp_path / "fp32.onnx")(x)
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_twin_softmax_exports_two_int8_matmuls_per_attention(tiny_vit, tmp_path, target):
+    qm, proto, path = _export(tiny_vit, target, "w4a4", tmp_path, softmax="twin")
+    assert lint(proto, get_profile(target)) == []
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    depth = 2
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    splits = [n for n in proto.graph.node if n.op_type == "Where"]
+    assert sum(producer[n.input[1]] == "Softmax" for n in splits) == depth
+    assert ops["QuantizeLinear"] == 9 * depth + 2  # the softmax output's two parts: one more
+    # per block: q @ kT, fine @ v, coarse @ v and the four linears, each fed by DequantizeLinear
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 7 * depth + 1  # + the head
+    assert all(producer.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+    x = noise_images(64, PRE, seed=7)
+    ref, out = TorchRunner(qm, "fq")(x), OrtRunner(path)(x)
+    if target == "ort":  # the FP32 graph computes exactly what the fake-quant model does
+        assert (out - ref).abs().max() < 1e-4
+        return
+    # FP16 arithmetic moves a few 4-bit roundings, as on the uniform levels; in an FP32 graph the
+    # trt numerics (int8 container, FP16-held scales and split point) match exactly
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    fp32 = dataclasses.replace(get_profile("trt"), float_dtype="float32", opset=17)
+    qm = calibrate(
+        wrap_model(tiny_vit, BitsSpec.parse("w4a4"), fp32, "twin"), noise_images(16, PRE, 0)
+    )
     export_qdq(qm, PRE.input_size, fp32, tmp_path / "fp32.onnx")
     ref, out = TorchRunner(qm, "fq")(x), OrtRunner(tmp_path / "fp32.onnx")(x)
     assert (out - ref).abs().max() < 1e-4

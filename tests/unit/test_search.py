@@ -1,6 +1,7 @@
 import ast
 import inspect
 import json
+import math
 
 import pytest
 import torch
@@ -24,11 +25,19 @@ SMALL = dict(passes=2, cycles=2, population=4)
 HEADER = {"model": "tiny", "target": "ort", "bits": "w4a4"}
 
 
-def _search(target="ort", bits="w4a4", run_dir=None, resume=False, stop_after=None, **cfg):
+def _search(
+    target="ort",
+    bits="w4a4",
+    run_dir=None,
+    resume=False,
+    stop_after=None,
+    softmax="uniform",
+    **cfg,
+):
     torch.manual_seed(0)
     model = make_tiny()
     x = noise_images(8, PRE)
-    qm = wrap_model(model, BitsSpec.parse(bits), get_profile(target))
+    qm = wrap_model(model, BitsSpec.parse(bits), get_profile(target), softmax)
     scfg = SearchConfig(**{**SMALL, "cyclic": False, **cfg})
     fp = prepare_equalization(model, qm, x, scfg)
     calibrate(qm, x)
@@ -80,6 +89,18 @@ def test_trt_search_keeps_zero_points_at_zero():
     qp.validate(get_profile("trt"))
     _, _, qp_ort, _, _ = _search(target="ort", zp_mutation=1.0)
     assert qp_ort.violations(get_profile("ort")) == []
+
+
+def test_twin_softmax_keeps_its_data_free_levels_through_the_search():
+    # cyclic refinement takes its gradient through both parts (straight-through)
+    _, _, qp, _, log = _search(target="trt", softmax="twin", cyclic=True, refresh_steps=1)
+    soft = [p for _, role, p in qp.points() if role == "attn"]
+    assert len(soft) == 2
+    assert all(p.twin and p.scale == [float(torch.tensor(1 / 56).half())] for p in soft)
+    qp.validate(get_profile("trt"))
+    assert log.refreshes > 0 and not any(rec["after"] > rec["before"] + 1e-9 for rec in log.layers)
+    fits = [p["fitness"] for p in log.passes]
+    assert len(fits) == 2 and all(map(math.isfinite, fits))
 
 
 @pytest.mark.parametrize("equalize", [False, True])
