@@ -21,7 +21,7 @@ from clamp_export.export.qdq import export_qdq
 from clamp_export.models import load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import RANGE_METHODS, calibrate
-from clamp_export.quant.fakequant import collect_qparams, load_qparams, wrap_model
+from clamp_export.quant.fakequant import collect_qparams, load_qparams, quantizers, wrap_model
 from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
@@ -276,7 +276,7 @@ def run(cfg: RunConfig, log=print) -> dict:
             "engine": engine,
         },
         "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
-        "notes": _notes(bits, profile.name),
+        "notes": _notes(bits, profile.name, any(q.twin for _, _, q in quantizers(qmodel))),
         "config": asdict(cfg),
         "versions": versions(),
         "seconds": None,
@@ -303,8 +303,14 @@ def _mixed_summary(qmodel, profile) -> dict:
     }
 
 
-def _notes(bits: BitsSpec, target: str) -> list[str]:
+def _notes(bits: BitsSpec, target: str, twin: bool = False) -> list[str]:
     notes = []
+    if twin:
+        notes.append(
+            "The softmax output has twin-uniform levels: the graph splits it into a fine and a "
+            "coarse part, each Q/DQ'd and multiplied by v in an INT8 matmul of its own (one extra "
+            "attention-sized matmul per block)."
+        )
     if bits.mixed:
         notes.append(
             "Mixed precision: weights below 8 bits are stored in int8 containers (the ONNX holds "

@@ -1,5 +1,8 @@
 import collections
 import dataclasses
+import json
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -191,3 +194,24 @@ def test_fp16_profile_holds_what_the_fp16_graph_holds(tiny_vit):
     # the ort profile keeps FP32 parameters untouched
     qo = wrap_model(tiny_vit, BitsSpec.parse("w4a8"), get_profile("ort"))
     assert torch.equal(qo.blocks[0].mlp.fc1.weight, tiny_vit.blocks[0].mlp.fc1.weight)
+
+
+def test_cli_twin_softmax_reaches_the_contract_the_graph_and_the_report(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "clamp_export", *args, "--bits", "w4a4", "--calib", "noise"]
+    proc = subprocess.run(
+        [*cmd, "--softmax", "twin", "--target", "trt", "--no-engine", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    qp = json.loads((out / "qparams.json").read_text())
+    assert qp["version"] == 4 and qp["modules"]["blocks.0.attn"]["attn"]["twin"] is True
+    proto = onnx.load(out / "model.qdq.onnx")
+    assert sum(n.op_type == "Where" for n in proto.graph.node) >= 2
+    assert lint(proto, get_profile("trt")) == []
+    report = json.loads((out / "report.json").read_text())
+    assert any("twin-uniform" in n for n in report["notes"])
+    assert report["config"]["softmax"] == "twin"
