@@ -206,10 +206,14 @@ class Quantizer(nn.Module):
             raise RuntimeError("a twin-uniform quantizer feeds two matmuls: call parts(x)")
         if self.exporting and not self.is_weight:
             return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
-        if self.store_dtype == torch.float16 and not self.is_weight:
-            x = x.half().float()  # in an FP16 graph, Q sees FP16 activations
+        if not self.is_weight:
+            x = self._as_stored(x)
         zp = None if self._zp_is_zero else self.zero_point
         return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """An activation as the graph holds it: in an FP16 graph, Q sees FP16 values."""
+        return x.half().float() if self.store_dtype == torch.float16 else x
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The fake-quantized terms whose products with the next operand sum to its product.
@@ -220,20 +224,14 @@ class Quantizer(nn.Module):
         if not (self.twin and self.mode == "quant"):
             return (self(x),)
         n = twin_levels(self.bits)
-        if self.exporting:
-            s = float(self.scale)
-            fine, coarse = twin_split(x, self._twin_threshold)
-            return (
-                _QDQ.apply(fine, s, 0, 0, n - 1, self.signed),
-                _QDQ.apply(coarse, s * n, 0, 0, n - 1, self.signed),
-            )
-        if self.store_dtype == torch.float16:
-            x = x.half().float()
-        fine, coarse = twin_split(x, self._twin_threshold)
-        return (
-            fake_quantize(fine, self.scale, None, 0, n - 1),
-            fake_quantize(coarse, self.scale * n, None, 0, n - 1),
-        )
+
+        def grid(part: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # levels 0 .. n-1
+            if self.exporting:
+                return _QDQ.apply(part, float(scale), 0, 0, n - 1, self.signed)
+            return fake_quantize(part, scale, None, 0, n - 1)
+
+        fine, coarse = twin_split(x if self.exporting else self._as_stored(x), self._twin_threshold)
+        return grid(fine, self.scale), grid(coarse, self.scale * n)
 
     def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, reused until the parameters or the weight change.

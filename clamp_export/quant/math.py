@@ -116,8 +116,8 @@ def twin_scale(hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Fine scale of a twin-uniform quantizer whose coarse part tops out at ``hi``.
 
     The coarse scale is ``twin_levels(bits)`` times the fine one, so the fine levels reach just
-    below the first coarse level and the two parts together hold 2^b distinct values (one of them
-    0) spaced like a two-step logarithm: at 4 bits, steps of 1/56 up to 7/56, then of 1/7.
+    below the first coarse level and the two parts together hold 2^b - 1 distinct values (0
+    included) spaced like a two-step logarithm: at 4 bits, steps of 1/56 up to 7/56, then of 1/7.
     """
     n = twin_levels(bits)
     return hi / ((n - 1) * n)
