@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from clamp_export.synth import SynthConfig, generate, preset
 from clamp_export.synth.config import PRESETS
 from clamp_export.synth.generator import float_tap
 from clamp_export.synth.losses import neighbour_index, patch_infonce, select_positives
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, requires_fmnist
 
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
 
@@ -160,3 +161,27 @@ def test_synth_cli_writes_files_and_reuses_the_cache(tiny_weights, tmp_path):
     ).read_bytes()
     bad = run_cli("synth", args[0], *common[1:], "--method", "gan", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "unknown synth method 'gan'" in bad.stderr
+
+
+@requires_fmnist
+@pytest.mark.parametrize("method", ["clamp", "psaq"])
+def test_benchmark_reference_sets_match_the_current_cache_key(method):
+    """The committed Stage 1 sets stay reachable: a change to the model's identity, its
+    preprocessing or the default Stage 1 config moves the key, and the benchmarks would silently
+    regenerate (and disagree with their stored cells)."""
+    from clamp_export.models import load_model
+    from clamp_export.synth import cached_folder
+    from clamp_export.synth.store import read_set
+
+    root = Path(__file__).resolve().parents[2] / "calib" / "reference"
+    loaded = load_model("fmnist_vit")
+    for seed in (0, 1, 2):
+        cfg = preset("default", method=method, n=32, seed=seed)
+        folder = cached_folder(loaded, cfg, root)
+        assert folder is not None and (folder / "synth.json").is_file(), (
+            f"no reference set for {method} seed {seed} at {folder}"
+        )
+        result, record = read_set(folder)
+        assert result.config == cfg and record["weights_sha256"] == loaded.weights_sha256
+        assert result.images.shape == (32, *loaded.preprocess.input_size)
+        assert torch.isfinite(result.images).all()
