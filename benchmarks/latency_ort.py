@@ -1,4 +1,7 @@
-"""ORT CPU latency: FP32 vs our W8A8 QDQ (ort profile) vs ORT's own quantize_static.
+"""ORT CPU latency: FP32 vs our QDQ graphs (ort profile) vs ORT's own quantize_static.
+
+Our graphs: W8A8, and W4A4 with uniform and with twin-uniform softmax levels (the twin adds a
+Where and a second ``attn @ v`` matmul per block: what it costs is measured here, on the CPU).
 
 DeiT-S at 224 px with random weights (no hub access here; latency does not depend on the values).
 Pinned threads, warm-up, then the median of N runs per batch size. Accuracy is the cosine of
@@ -37,6 +40,11 @@ from clamp_export.report.parity import logit_error
 from clamp_export.runtime.runners import OrtRunner
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OURS = {  # graph name -> (bits, softmax levels)
+    "ours_w8a8": ("w8a8", "uniform"),
+    "ours_w4a4": ("w4a4", "uniform"),
+    "ours_w4a4_twin": ("w4a4", "twin"),
+}
 
 
 def export_fp32(model: torch.nn.Module, input_size, path: Path) -> None:
@@ -124,9 +132,10 @@ def main() -> None:
         graphs["fp32"] = tmp / "fp32.onnx"
         export_fp32(loaded.model, pre.input_size, graphs["fp32"])
         profile = get_profile("ort")
-        qm = calibrate(wrap_model(loaded.model, BitsSpec.parse("w8a8"), profile), calib)
-        graphs["ours_w8a8"] = tmp / "ours.onnx"
-        export_qdq(qm, pre.input_size, profile, graphs["ours_w8a8"])
+        for name, (bits, softmax) in OURS.items():
+            qm = wrap_model(loaded.model, BitsSpec.parse(bits), profile, softmax)
+            graphs[name] = tmp / f"{name}.onnx"
+            export_qdq(calibrate(qm, calib), pre.input_size, profile, graphs[name])
         graphs["ort_quantize_static"] = tmp / "qs.onnx"
         ort_quantize_static(graphs["fp32"], graphs["ort_quantize_static"], calib.numpy())
 
@@ -166,10 +175,12 @@ def main() -> None:
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
     ours, qs = results["ours_w8a8"]["latency"], results["ort_quantize_static"]["latency"]
+    uniform, twin = results["ours_w4a4"]["latency"], results["ours_w4a4_twin"]["latency"]
     summary = {
         b: {
             "ours_vs_fp32": results["fp32"]["latency"][b]["median_ms"] / ours[b]["median_ms"],
             "ours_vs_quantize_static": qs[b]["median_ms"] / ours[b]["median_ms"],
+            "w4a4_twin_vs_uniform": twin[b]["median_ms"] / uniform[b]["median_ms"],
         }
         for b in ours
     }
