@@ -93,8 +93,9 @@ PRESETS: dict[str, SearchConfig] = {
 def equalize_by_default(bits: BitsSpec) -> bool:
     """Equalize where per-tensor activation ranges are the bottleneck: below 8 bits.
 
-    On fmnist_vit W4A4 it gains +0.25 pt on `ort` and +0.11 on `trt` over 3 seeds (README). At 8-bit activations every method is already within 0.3 pt of FP32 and one probe
-    seed of W4A8 moved by +0.02 / +0.09 pt, so the measured 8-bit default stays as it was.
+    On fmnist_vit W4A4 it gains +0.25 pt on `ort` and +0.11 on `trt` over 3 seeds (README). At
+    8-bit activations every method is already within 0.3 pt of FP32 and one probe seed of W4A8
+    moved by +0.02 / +0.09 pt, so the measured 8-bit default stays as it was.
     """
     act = bits.mp_act if bits.mixed and bits.mp_act is not None else bits.act
     return act < 8
