@@ -45,9 +45,11 @@ LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4", "mp:4.7", "mp:3.5")
 BASELINES = tuple(
     f"{s}-{r}" for s in ("noise", "psaq", "clamp-synth", "real") for r in ("minmax", "percentile")
 )
-# The default before the per-channel weight scan and channel equalization joined it: the
-# earlier ablations ran on top of it, and their cells stay in the tables as measured.
-LEGACY = {"channel_scan": (), "equalize": False}
+# The search alone: the default before the scale refinement joined it below 8-bit activations.
+# The earlier rows ran without it, and their cells stay in the tables as measured.
+SEARCH_ONLY = {"refine_steps": 0}
+# The search before the per-channel weight scan and channel equalization joined it.
+LEGACY = {**SEARCH_ONLY, "channel_scan": (), "equalize": False}
 # CLAMP variants: (calibration image source, search config overrides)
 CLAMP = {
     "clamp": ("clamp", {}),
@@ -55,10 +57,15 @@ CLAMP = {
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness
     "clamp-L_O-only": ("clamp", {"fitness": "output"}),
-    # the default before channel equalization (which is on below 8-bit activations)
-    "clamp-no-equalize": ("clamp", {"equalize": False}),
+    # the default before the scale refinement, and the same ablations on top of it
+    "clamp-no-refine": ("clamp", SEARCH_ONLY),
+    "clamp-no-refine-no-cyclic": ("clamp", {**SEARCH_ONLY, "cyclic": False}),
+    "clamp-no-refine-L_C2+L_O": ("clamp", {**SEARCH_ONLY, "fitness": "both"}),
+    "clamp-no-refine-L_O-only": ("clamp", {**SEARCH_ONLY, "fitness": "output"}),
+    # the search before channel equalization (which is on below 8-bit activations)
+    "clamp-no-equalize": ("clamp", {**SEARCH_ONLY, "equalize": False}),
     # the same search on the 32 real training images: does synthetic data limit the search?
-    "clamp-no-equalize-on-real": ("real", {"equalize": False}),
+    "clamp-no-equalize-on-real": ("real", {**SEARCH_ONLY, "equalize": False}),
     "clamp-no-channel-scan": ("clamp", LEGACY),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
@@ -93,7 +100,7 @@ def recipe(method: str, seed: int, bits: str, search: str = "default"):
 
 def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
-    twin = tuple(m + TWIN for m in (*BASELINES, "clamp"))
+    twin = tuple(m + TWIN for m in (*BASELINES, "clamp", "clamp-no-refine"))
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP) + twin))
     ap.add_argument("--search-preset", default="default")
     args = ap.parse_args()
@@ -168,7 +175,7 @@ def main() -> None:
             "seeds": seeds,
             "synth_preset": args.synth_preset,
             "profiles": {t: get_profile(t).to_dict() for t in args.targets.split(",")},
-            # at W4A4; below 8-bit activations "clamp" also equalizes (equalize_by_default)
+            # at W4A4; below 8-bit activations "clamp" also equalizes and refines (low_activation_bits)
             "search_config": {
                 m: search_preset(args.search_preset, BitsSpec.parse("w4a4"), **o).to_dict()
                 for m, (_, o) in CLAMP.items()

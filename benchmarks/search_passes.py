@@ -2,8 +2,10 @@
 
 The search runs pass by pass through its own checkpoint (``stop_after`` one pass, then
 ``resume``), which continues exactly as an uninterrupted run would; after each pass the
-fake-quant model is scored on the test set. The first passes of a ``--passes 6`` run are the
-default's 3 passes bit for bit, so pass 3 reproduces the default's cell in accuracy.py. The
+fake-quant model is scored on the test set. It measures the search alone (``refine_steps=0``:
+the scale refinement after the last pass would blur that pass's number). The first passes of a
+``--passes 6`` run are the default's 3 passes bit for bit, so pass 3 reproduces the
+``clamp-no-refine`` cell in accuracy.py. The
 fitness F is printed beside top-1, scored on the Stage 1 images (fixed, unlike the refreshed
 batch the search sees): where it keeps falling while top-1 wanders, more search only fits the 32
 calibration images harder.
@@ -116,7 +118,11 @@ def main() -> None:
         for target in args.targets.split(","):
             for bits in args.bits.split(","):
                 cfg = preset(
-                    args.search_preset, BitsSpec.parse(bits), seed=seed, passes=args.passes
+                    args.search_preset,
+                    BitsSpec.parse(bits),
+                    seed=seed,
+                    passes=args.passes,
+                    refine_steps=0,
                 )
                 key = cell_key(loaded, x_test, args, seed, "clamp", target, bits, "passes", cfg)
                 if args.cached_only and not cells.has(key):
@@ -155,7 +161,9 @@ def main() -> None:
             "eval_images": len(x_test),
             "fp32_top1": fp32,
             "search": {
-                b: preset(args.search_preset, BitsSpec.parse(b), passes=args.passes).to_dict()
+                b: preset(
+                    args.search_preset, BitsSpec.parse(b), passes=args.passes, refine_steps=0
+                ).to_dict()
                 for b in args.bits.split(",")
             },
             "runs": runs,

@@ -148,6 +148,13 @@ def cli() -> None:
     "even out per-tensor ranges, exact in float, stored in qparams.json (default: the preset's).",
 )
 @click.option(
+    "--refine-steps",
+    type=click.IntRange(min=0),
+    help="Adam steps of the scale refinement after the search: every scale at once, to the float "
+    "logits on the Stage 1 images; 0 turns it off (default: the preset's, 100 below 8-bit "
+    "activations).",
+)
+@click.option(
     "--fitness",
     type=click.Choice(FITNESS),
     help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
@@ -198,6 +205,7 @@ def quantize(**kw) -> None:
             "cyclic": False if kw["no_cyclic"] else None,
             "fitness": kw["fitness"],
             "equalize": kw["equalize"],
+            "refine_steps": kw["refine_steps"],
         },
         resume=kw["resume"],
         budget_mb=kw["budget_mb"],

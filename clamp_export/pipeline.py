@@ -198,11 +198,18 @@ def run(cfg: RunConfig, log=print) -> dict:
                 resume=cfg.resume,
             )
             write_search_json(out / "search.json", scfg, slog)
+            if slog.refine:
+                r = slog.refine
+                log(
+                    f"refined every scale in {r['steps']} steps: logit KL to FP "
+                    f"{r['kl_before']:.4f} -> {r['kl_after']:.4f}"
+                )
             search_record = {
                 "config": scfg.to_dict(),
                 "seconds": round(slog.seconds, 1),
                 "refreshes": slog.refreshes,
                 "passes": slog.passes,
+                "refine": slog.refine,
             }
         qp = collect_qparams(
             qmodel,

@@ -22,6 +22,7 @@ from clamp_export.quant.bits import SOFTMAX_LEVELS, BitsSpec
 from clamp_export.quant.equalize import applied_equalization, apply_equalization
 from clamp_export.quant.math import (
     fake_quantize,
+    fake_quantize_learned,
     level_range,
     params_from_range,
     quantize,
@@ -110,6 +111,7 @@ class Quantizer(nn.Module):
         # parts, each its own Q/DQ into its own matmul; see ``parts``
         self.twin = False
         self._twin_threshold = 0.0
+        self.log_scale: torch.Tensor | None = None  # a trainable log(scale), under learnable_scales
 
     def set_bits(self, bits: int) -> None:
         """Change the level count; parameters follow from the calibration range (mixed precision)."""
@@ -208,6 +210,11 @@ class Quantizer(nn.Module):
             return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
         if not self.is_weight:
             x = self._as_stored(x)
+        if self.log_scale is not None:
+            z = self.zero_point
+            return fake_quantize_learned(
+                x, self.log_scale.exp(), z, self.qmin, self.qmax, self.axis
+            )
         zp = None if self._zp_is_zero else self.zero_point
         return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
 
@@ -239,7 +246,8 @@ class Quantizer(nn.Module):
         The search re-runs every downstream layer for each candidate; only the searched layer's
         weights change, so the others come from this cache.
         """
-        if self.mode != "quant" or (w.requires_grad and torch.is_grad_enabled()):
+        learning = self.log_scale is not None or (w.requires_grad and torch.is_grad_enabled())
+        if self.mode != "quant" or learning:
             return self(w)
         c = self._cached_weight
         # the storage pointer changes when .to() / .cuda() swaps a parameter's data in place
@@ -440,6 +448,24 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, str, Quantizer]]:
 def set_mode(model: nn.Module, mode: str) -> None:
     for _, _, q in quantizers(model):
         q.mode = mode
+
+
+@contextlib.contextmanager
+def learnable_scales(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Every fake-quantizing scale of ``model`` as a trainable log-scale, for the scale refinement.
+
+    Zero-points and level windows stay as searched: they are integers. On exit the learned scales
+    are installed as the graph stores them. Twin-uniform scales stay fixed to [0, 1] by design.
+    """
+    qs = [q for _, _, q in quantizers(model) if q.mode == "quant" and not q.twin]
+    for q in qs:
+        q.log_scale = q.scale.log().clone().requires_grad_(True)
+    try:
+        yield [q.log_scale for q in qs]
+    finally:
+        for q in qs:
+            scale, q.log_scale = q.log_scale.detach().exp(), None
+            q.set_params(scale, q.zero_point)
 
 
 def equalize_wrapped(qmodel: nn.Module, factors: dict) -> nn.Module:

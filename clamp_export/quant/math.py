@@ -86,6 +86,27 @@ def fake_quantize(
     return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
 
+def fake_quantize_learned(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """``fake_quantize`` with a gradient for ``scale`` too (LSQ, Esser et al. 2020).
+
+    Rounding passes gradients straight through and clamping does not, so a learned scale trades
+    clipping error against rounding error. The values are ``fake_quantize``'s, bit for bit:
+    ``v + (round(v) - v)`` is exact in floating point.
+    """
+    s = _broadcast(scale, x, axis)
+    z = _broadcast(zero_point.to(x.dtype), x, axis)
+    v = x / s
+    v = v + (torch.round(v) - v).detach()
+    return (torch.clamp(v + z, qmin, qmax) - z) * s
+
+
 def params_from_range(
     lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

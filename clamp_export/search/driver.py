@@ -34,6 +34,7 @@ from clamp_export.search.channels import scan_weight_channels
 from clamp_export.search.config import SearchConfig
 from clamp_export.search.evolution import evolve_layer, layer_quantizers
 from clamp_export.search.fitness import fitness
+from clamp_export.search.refine import refine_scales
 from clamp_export.synth.generator import float_tap
 from clamp_export.synth.losses import patch_infonce
 
@@ -48,6 +49,8 @@ class SearchLog:
     layers: list[dict] = field(default_factory=list)
     # fitness of the whole model on the data current at the end of each pass
     passes: list[dict] = field(default_factory=list)
+    # the scale refinement after the last pass (search/refine.py), when the config has one
+    refine: dict | None = None
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -284,7 +287,7 @@ def run_search(
     total = cfg.passes * len(layers)
     bar = tqdm(total=total, initial=start, desc="search", disable=not progress, leave=False)
     tap = float_tap(fp_model, "model") if cfg.cyclic else None
-    done = 0
+    done, step = 0, start - 1
     try:
         for step in range(start, total):
             p, li = divmod(step, len(layers))
@@ -345,6 +348,10 @@ def run_search(
         bar.close()
         if tap is not None:
             tap.close()
+    if cfg.refine_steps and step + 1 >= total:  # every layer searched (a resumed run may have none)
+        log.refine = refine_scales(
+            fp_model, qmodel, stage1, cfg.refine_steps, cfg.refine_lr, progress=progress
+        )
     log.seconds = prior_seconds + time.time() - t0
     return collect_qparams(qmodel, **header), caches.images, log
 

@@ -47,6 +47,15 @@ def test_malformed_bits(tiny_weights, tmp_path):
     )
 
 
+def test_negative_refine_steps(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    assert_clean_error(
+        run_cli(*args, "--refine-steps", "-1", "--out", str(tmp_path / "o")),
+        "'--refine-steps': -1 is not in the range x>=0",
+    )
+    assert_nothing_written(tmp_path / "o")
+
+
 def test_unknown_target(tiny_weights, tmp_path):
     _, args = tiny_weights
     assert_clean_error(

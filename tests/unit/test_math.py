@@ -7,6 +7,7 @@ from onnx import TensorProto, helper
 from clamp_export.quant.math import (
     dequantize,
     fake_quantize,
+    fake_quantize_learned,
     level_range,
     params_from_range,
     quantize,
@@ -104,6 +105,21 @@ def test_fake_quant_straight_through_gradient():
     x = torch.randn(10, requires_grad=True)
     fake_quantize(x, torch.tensor([0.1]), torch.tensor([0]), -8, 7).sum().backward()
     assert torch.equal(x.grad, torch.ones(10))
+
+
+def test_learned_scale_fake_quant_matches_and_gives_the_lsq_gradient():
+    x = torch.randn(4, 7, 6) * 3
+    s = torch.tensor([0.05, 0.2, 0.013, 0.4, 0.07, 0.11])
+    z = torch.tensor([0, 3, -2, 7, 0, -8], dtype=torch.int32)
+    scale = s.clone().requires_grad_(True)
+    y = fake_quantize_learned(x, scale, z, -8, 7, axis=-1)
+    assert torch.equal(y.detach(), fake_quantize(x, s, z, -8, 7, axis=-1))  # same values
+    # LSQ: d/ds = round(x/s) - x/s inside the levels, the saturated level (qmin or qmax) - z outside
+    one = torch.tensor([0.26, 0.9, -5.0])
+    step = torch.tensor([0.1], requires_grad=True)
+    fake_quantize_learned(one, step, torch.tensor([0]), -8, 7).sum().backward()
+    expected = (3 - 2.6) + (7 - 0) + (-8 - 0)
+    assert step.grad.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_params_from_range_symmetric_and_asymmetric():

@@ -13,10 +13,11 @@ from clamp_export.export.qdq import export_qdq
 from clamp_export.models.preprocess import Preprocess
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
-from clamp_export.quant.fakequant import load_qparams, wrap_model
+from clamp_export.quant.fakequant import load_qparams, quantizers, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
-from clamp_export.search import SearchConfig, driver, prepare_equalization, run_search
+from clamp_export.search import SearchConfig, driver, prepare_equalization, preset, run_search
+from clamp_export.search.config import REFINE_STEPS
 from clamp_export.search.fitness import local_contrastive
 from tests.conftest import make_tiny
 
@@ -105,7 +106,7 @@ def test_twin_softmax_keeps_its_data_free_levels_through_the_search():
 
 @pytest.mark.parametrize("equalize", [False, True])
 def test_resume_after_kill_matches_uninterrupted(tmp_path, equalize):
-    kw = dict(cyclic=True, refresh_steps=1, equalize=equalize)
+    kw = dict(cyclic=True, refresh_steps=1, equalize=equalize, refine_steps=3)
     _, _, full, full_images, _ = _search(run_dir=tmp_path / "a", **kw)
     _search(run_dir=tmp_path / "b", stop_after=7, **kw)  # "killed" after 7 layers
     ckpt = torch.load(tmp_path / "b" / driver.CHECKPOINT, weights_only=False)
@@ -115,6 +116,34 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, equalize):
     assert resumed.to_dict() == full.to_dict()
     assert torch.equal(resumed_images, full_images)
     assert len(log.layers) == 2 * 12  # the records from before the kill are kept
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_scale_refinement_lowers_the_logit_kl_and_keeps_integers_and_profile(target):
+    _, qm, refined, images, log = _search(target=target, refine_steps=15, refine_lr=0.01)
+    assert log.refine["steps"] == 15 and log.refine["kl_after"] < 0.9 * log.refine["kl_before"]
+    refined.validate(get_profile(target))
+    _, _, searched, _, plain = _search(target=target)
+    assert plain.refine is None
+    pairs = [
+        (a, b) for (_, _, a), (_, _, b) in zip(refined.points(), searched.points(), strict=True)
+    ]
+    assert all(a.zero_point == b.zero_point and a.window == b.window for a, b in pairs)
+    assert sum(a.scale != b.scale for a, b in pairs) > 0.9 * len(pairs)  # every scale learns
+    assert all(q.log_scale is None for _, _, q in quantizers(qm))  # the trainable copies are gone
+
+
+@pytest.mark.parametrize(
+    ("bits", "low"), [("w4a4", True), ("w4a6", True), ("w4a8", False), ("mp:4.7", False)]
+)
+def test_presets_equalize_and_refine_below_8_bit_activations(bits, low):
+    cfg = preset("default", BitsSpec.parse(bits))
+    assert (cfg.equalize, cfg.refine_steps) == ((True, REFINE_STEPS) if low else (False, 0))
+    assert ("refine_steps" in cfg.to_dict()) == low  # records made before the field keep their keys
+    assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert (
+        preset("default", BitsSpec.parse(bits), refine_steps=7).refine_steps == 7
+    )  # --refine-steps
 
 
 def test_resume_refuses_another_config_and_reports_corruption(tmp_path):
