@@ -211,10 +211,8 @@ class Quantizer(nn.Module):
         if not self.is_weight:
             x = self._as_stored(x)
         if self.log_scale is not None:
-            z = self.zero_point
-            return fake_quantize_learned(
-                x, self.log_scale.exp(), z, self.qmin, self.qmax, self.axis
-            )
+            scale = self.log_scale.exp()
+            return fake_quantize_learned(x, scale, self.zero_point, self.qmin, self.qmax, self.axis)
         zp = None if self._zp_is_zero else self.zero_point
         return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
 

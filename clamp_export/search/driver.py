@@ -287,7 +287,7 @@ def run_search(
     total = cfg.passes * len(layers)
     bar = tqdm(total=total, initial=start, desc="search", disable=not progress, leave=False)
     tap = float_tap(fp_model, "model") if cfg.cyclic else None
-    done, step = 0, start - 1
+    done = 0
     try:
         for step in range(start, total):
             p, li = divmod(step, len(layers))
@@ -348,7 +348,9 @@ def run_search(
         bar.close()
         if tap is not None:
             tap.close()
-    if cfg.refine_steps and step + 1 >= total:  # every layer searched (a resumed run may have none)
+    if (
+        cfg.refine_steps and start + done >= total
+    ):  # every layer searched (a resumed run may have none)
         log.refine = refine_scales(
             fp_model, qmodel, stage1, cfg.refine_steps, cfg.refine_lr, progress=progress
         )
