@@ -135,6 +135,8 @@ def main() -> None:
         "--runs", type=int, default=4, help="refinements per search (run 0 unperturbed)"
     )
     args = ap.parse_args()
+    if args.n != 32:  # the cells are labelled by image count: own set 32, with the next seed's 64
+        raise SystemExit("refine_spread.py compares 32 and 64 Stage 1 images: leave --n at 32")
     seeds = [int(s) for s in args.seeds.split(",")]
     loaded, x_test, y_test, fp32 = load_reference(args)
     cells = Cells(args.cells, args.fresh)
