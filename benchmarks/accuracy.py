@@ -57,6 +57,8 @@ CLAMP = {
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness
     "clamp-L_O-only": ("clamp", {"fitness": "output"}),
+    # the previous default: the scale refinement for 100 steps on the unshifted Stage 1 images
+    "clamp-unshifted-refine": ("clamp", {"refine_steps": 100, "refine_shift": 0.0}),
     # the default before the scale refinement, and the same ablations on top of it
     "clamp-no-refine": ("clamp", SEARCH_ONLY),
     "clamp-no-refine-no-cyclic": ("clamp", {**SEARCH_ONLY, "cyclic": False}),
@@ -100,7 +102,9 @@ def recipe(method: str, seed: int, bits: str, search: str = "default"):
 
 def main() -> None:
     ap = base_parser(__doc__, LADDER, RESULTS / "accuracy.json")
-    twin = tuple(m + TWIN for m in (*BASELINES, "clamp", "clamp-no-refine"))
+    twin = tuple(
+        m + TWIN for m in (*BASELINES, "clamp", "clamp-unshifted-refine", "clamp-no-refine")
+    )
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP) + twin))
     ap.add_argument("--search-preset", default="default")
     args = ap.parse_args()

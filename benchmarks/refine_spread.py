@@ -9,10 +9,10 @@ default cell of accuracy.py), the others with perturbed teachers. It reports the
 spread, the "soup" (the runs' log-scales averaged), and the same runs on 64 Stage 1 images
 instead of 32: the cell's own set plus the next seed's committed set (seed 2 takes seed 0's),
 to ask whether the refinement is short of images. The 64-image column is a what-if: the
-pipeline refines on its own 32 images.
+pipeline refines on its own 32 images; ``--images 32`` leaves it out.
 
     .venv/bin/python benchmarks/refine_spread.py [--bits w4a4] [--targets ort,trt]
-        [--seeds 0,1,2] [--runs 4]
+        [--seeds 0,1,2] [--runs 4] [--images 32,64]
 
 Each (seed, target) is a cell of benchmarks/results/cells.jsonl (targets may run in parallel
 processes; ``--cached-only`` tabulates them). Prints a table and writes
@@ -87,18 +87,31 @@ def _soup(searched: nn.Module, runs: list[list[torch.Tensor | None]]) -> nn.Modu
     return soup
 
 
-def spread(loaded, calib, extra, bits: str, target: str, cfg, runs: int, x_test, y_test) -> dict:
-    """{searched, images: {32|64: {runs, soup, seconds}}} for one search refined ``runs`` times."""
+def spread(
+    loaded, calib, extra, bits: str, target: str, cfg, runs: int, labels, x_test, y_test
+) -> dict:
+    """{searched, images: {32|64: {runs, soup, seconds}}} for one search refined ``runs`` times
+    on each image count of ``labels``."""
     search_cfg = dataclasses.replace(cfg, refine_steps=0)
     fp, qm = searchable_model(loaded, bits, target, calib, "minmax", search_cfg)
     header = {"model": loaded.name, "target": target, "bits": bits}
     run_search(fp, qm, calib, search_cfg, header, loaded.preprocess.pixel_bounds(), progress=False)
     rec = {"searched": top1(qm, x_test, y_test), "images": {}}
-    for label, images in (("32", calib), ("64", torch.cat([calib, extra]))):
-        accs, scales, t = [], [], time.time()
+    sets = {"32": lambda: calib, "64": lambda: torch.cat([calib, extra])}
+    for label in labels:
+        images, accs, scales, t = sets[label](), [], [], time.time()
         for r in range(runs):
             refined = copy.deepcopy(qm)
-            refine_scales(Perturbed(fp, r), refined, images, cfg.refine_steps, cfg.refine_lr, False)
+            refine_scales(
+                Perturbed(fp, r),
+                refined,
+                images,
+                cfg.refine_steps,
+                cfg.refine_lr,
+                cfg.refine_shift,
+                cfg.seed,
+                progress=False,
+            )
             accs.append(top1(refined, x_test, y_test))
             scales.append(_refined_scales(refined))
             print(
@@ -117,16 +130,10 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def _summary(cell: dict) -> tuple[float, ...]:
-    """searched, then (mean of the runs, soup) for 32 and for 64 images."""
-    own, more = cell["images"]["32"], cell["images"]["64"]
-    return (
-        cell["searched"],
-        mean_std(own["runs"])[0],
-        own["soup"],
-        mean_std(more["runs"])[0],
-        more["soup"],
-    )
+def _summary(cell: dict, labels) -> tuple[float, ...]:
+    """searched, then (mean of the runs, soup) for each image count."""
+    means = [(mean_std(cell["images"][k]["runs"])[0], cell["images"][k]["soup"]) for k in labels]
+    return (cell["searched"], *(v for pair in means for v in pair))
 
 
 def main() -> None:
@@ -134,7 +141,9 @@ def main() -> None:
     ap.add_argument(
         "--runs", type=int, default=4, help="refinements per search (run 0 unperturbed)"
     )
+    ap.add_argument("--images", default="32,64", choices=("32,64", "32"))
     args = ap.parse_args()
+    labels = args.images.split(",")
     if args.n != 32:  # the cells are labelled by image count: own set 32, with the next seed's 64
         raise SystemExit("refine_spread.py compares 32 and 64 Stage 1 images: leave --n at 32")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -155,6 +164,7 @@ def main() -> None:
                     ),
                     "runs": args.runs,
                     "extra_seed": extra_seed,
+                    **({} if "64" in labels else {"images": args.images}),
                 }
                 if args.cached_only and not cells.has(key):
                     continue
@@ -164,7 +174,17 @@ def main() -> None:
                         loaded, "clamp", args.n, extra_seed, args.synth_preset
                     )
                 run = partial(
-                    spread, loaded, images, extra, bits, target, cfg, args.runs, x_test, y_test
+                    spread,
+                    loaded,
+                    images,
+                    extra,
+                    bits,
+                    target,
+                    cfg,
+                    args.runs,
+                    labels,
+                    x_test,
+                    y_test,
                 )
                 rows.append(
                     {"target": target, "bits": bits, "seed": seed, **cells.get_or_run(key, run)}
@@ -176,17 +196,20 @@ def main() -> None:
         for bits in args.bits.split(","):
             mine = [r for r in rows if r["target"] == target and r["bits"] == bits]
             for r in mine:
-                own, more = r["images"]["32"], r["images"]["64"]
-                table.append(
-                    [target, bits, str(r["seed"]), f"{100 * r['searched']:.2f}"]
-                    + [f"{fmt_pct(own['runs'])} [{100 * own['runs'][0]:.2f}]", _pct(own["soup"])]
-                    + [fmt_pct(more["runs"]), _pct(more["soup"])]
-                )
+                own = r["images"]["32"]
+                row = [target, bits, str(r["seed"]), f"{100 * r['searched']:.2f}"]
+                row += [f"{fmt_pct(own['runs'])} [{100 * own['runs'][0]:.2f}]", _pct(own["soup"])]
+                if "64" in labels:
+                    more = r["images"]["64"]
+                    row += [fmt_pct(more["runs"]), _pct(more["soup"])]
+                table.append(row)
             if mine:  # the seeds' means
-                cols = list(zip(*(_summary(r) for r in mine), strict=True))
+                cols = list(zip(*(_summary(r, labels) for r in mine), strict=True))
                 table.append([target, bits, "mean"] + [_pct(sum(c) / len(c)) for c in cols])
-    header = ["target", "bits", "seed", "searched", "refined, 32 images", "soup, 32"]
-    print_table(header + ["refined, 64 images", "soup, 64"], table)
+    header = ["target", "bits", "seed", "searched"]
+    for k in labels:
+        header += [f"refined, {k} images", f"soup, {k}"]
+    print_table(header, table)
     atomic.write_json(
         args.out,
         {

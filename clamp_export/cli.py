@@ -151,8 +151,8 @@ def cli() -> None:
     "--refine-steps",
     type=click.IntRange(min=0),
     help="Adam steps of the scale refinement after the search: every scale at once, to the float "
-    "logits on the Stage 1 images; 0 turns it off (default: the preset's, 100 below 8-bit "
-    "activations).",
+    "logits on randomly shifted Stage 1 images; 0 turns it off (default: the preset's, 300 below "
+    "8-bit activations).",
 )
 @click.option(
     "--fitness",

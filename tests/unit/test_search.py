@@ -17,8 +17,9 @@ from clamp_export.quant.fakequant import load_qparams, quantizers, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import SearchConfig, driver, prepare_equalization, preset, run_search
-from clamp_export.search.config import REFINE_STEPS
+from clamp_export.search.config import REFINE_SHIFT, REFINE_STEPS
 from clamp_export.search.fitness import local_contrastive
+from clamp_export.search.refine import shift_pixels, shifted
 from tests.conftest import make_tiny
 
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
@@ -118,9 +119,11 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, equalize):
     assert len(log.layers) == 2 * 12  # the records from before the kill are kept
 
 
-@pytest.mark.parametrize("target", ["ort", "trt"])
-def test_scale_refinement_lowers_the_logit_kl_and_keeps_integers_and_profile(target):
-    _, qm, refined, images, log = _search(target=target, refine_steps=15, refine_lr=0.01)
+@pytest.mark.parametrize(("target", "shift"), [("ort", 0.0), ("trt", 0.0), ("ort", 0.15)])
+def test_scale_refinement_lowers_the_logit_kl_and_keeps_integers_and_profile(target, shift):
+    _, qm, refined, images, log = _search(
+        target=target, refine_steps=15, refine_lr=0.01, refine_shift=shift
+    )
     assert log.refine["steps"] == 15 and log.refine["kl_after"] < 0.9 * log.refine["kl_before"]
     refined.validate(get_profile(target))
     _, _, searched, _, plain = _search(target=target)
@@ -133,13 +136,40 @@ def test_scale_refinement_lowers_the_logit_kl_and_keeps_integers_and_profile(tar
     assert all(q.log_scale is None for _, _, q in quantizers(qm))  # the trainable copies are gone
 
 
+def test_shifted_images_are_translated_copies_within_the_bound():
+    images = torch.arange(4 * 2 * 6 * 6, dtype=torch.float32).view(4, 2, 6, 6)
+    gen = torch.Generator().manual_seed(0)
+    assert shifted(images, 0, gen) is images
+    out = torch.cat([shifted(images, 2, gen) for _ in range(8)])
+    padded = torch.nn.functional.pad(images, (2,) * 4, mode="replicate").repeat(8, 1, 1, 1)
+    offsets = [
+        next(
+            (i, j) for i in range(5) for j in range(5) if torch.equal(p[:, i : i + 6, j : j + 6], o)
+        )
+        for p, o in zip(padded, out, strict=True)
+    ]
+    assert len(set(offsets)) > 10  # drawn per image, both axes, not one shift for the batch
+    again = shifted(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out[:4])  # the seed decides the draws
+    assert [shift_pixels(images, f) for f in (0.0, 0.01, 0.34)] == [0, 1, 2]
+
+
+def test_shifted_refinement_is_deterministic_per_seed():
+    kw = dict(refine_steps=4, refine_lr=0.01, refine_shift=0.15, passes=1)
+    a, b = (_search(**kw)[2].to_dict() for _ in range(2))
+    other = _search(**kw, seed=1)[2].to_dict()
+    assert a == b and a != other
+
+
 @pytest.mark.parametrize(
     ("bits", "low"), [("w4a4", True), ("w4a6", True), ("w4a8", False), ("mp:4.7", False)]
 )
 def test_presets_equalize_and_refine_below_8_bit_activations(bits, low):
     cfg = preset("default", BitsSpec.parse(bits))
-    assert (cfg.equalize, cfg.refine_steps) == ((True, REFINE_STEPS) if low else (False, 0))
+    expected = (True, REFINE_STEPS, REFINE_SHIFT) if low else (False, 0, 0.0)
+    assert (cfg.equalize, cfg.refine_steps, cfg.refine_shift) == expected
     assert ("refine_steps" in cfg.to_dict()) == low  # records made before the field keep their keys
+    assert ("refine_shift" in cfg.to_dict()) == low
     assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert (
         preset("default", BitsSpec.parse(bits), refine_steps=7).refine_steps == 7
