@@ -18,6 +18,7 @@ Prints a table and writes benchmarks/results/memory_<model>_<bits>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -81,16 +82,8 @@ def _child(args: argparse.Namespace) -> None:
     t["stage2_s"] = time.time() - t0
     if cfg.refine_steps:  # stop_after skips the refinement: run a few of its steps here
         t0 = time.time()
-        refine_scales(
-            fp,
-            qm,
-            synth.images,
-            args.refine_steps,
-            cfg.refine_lr,
-            cfg.refine_shift,
-            cfg.seed,
-            progress=False,
-        )
+        steps_cfg = dataclasses.replace(cfg, refine_steps=args.refine_steps)
+        refine_scales(fp, qm, synth.images, steps_cfg, progress=False)
         t["refine_s"] = time.time() - t0
     t0 = time.time()
     onnx_path = Path(args.out_dir) / "model.qdq.onnx"

@@ -102,16 +102,7 @@ def spread(
         images, accs, scales, t = sets[label](), [], [], time.time()
         for r in range(runs):
             refined = copy.deepcopy(qm)
-            refine_scales(
-                Perturbed(fp, r),
-                refined,
-                images,
-                cfg.refine_steps,
-                cfg.refine_lr,
-                cfg.refine_shift,
-                cfg.seed,
-                progress=False,
-            )
+            refine_scales(Perturbed(fp, r), refined, images, cfg, progress=False)
             accs.append(top1(refined, x_test, y_test))
             scales.append(_refined_scales(refined))
             print(

@@ -351,16 +351,7 @@ def run_search(
     if (
         cfg.refine_steps and start + done >= total
     ):  # every layer searched (a resumed run may have none)
-        log.refine = refine_scales(
-            fp_model,
-            qmodel,
-            stage1,
-            cfg.refine_steps,
-            cfg.refine_lr,
-            cfg.refine_shift,
-            cfg.seed,
-            progress=progress,
-        )
+        log.refine = refine_scales(fp_model, qmodel, stage1, cfg, progress=progress)
     log.seconds = prior_seconds + time.time() - t0
     return collect_qparams(qmodel, **header), caches.images, log
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from clamp_export.errors import UserError
 from clamp_export.quant.fakequant import learnable_scales
+from clamp_export.search.config import SearchConfig
 
 # Activation elements of one backward pass's widest tensors (see ``images_per_backward``):
 # DeiT-S at 224 px then takes 7 images per backward, fmnist_vit all 32 at once.
@@ -66,34 +67,34 @@ def refine_scales(
     fp_model: nn.Module,
     qmodel: nn.Module,
     images: torch.Tensor,
-    steps: int,
-    lr: float,
-    shift: float = 0.0,
-    seed: int = 0,
+    cfg: SearchConfig,
     progress: bool = True,
 ) -> dict:
     """Adam on every log-scale of ``qmodel`` (in place) for KL(FP || Q) on shifted ``images``.
 
-    ``shift``: the largest shift as a fraction of the image side (0: the images as they are).
+    ``cfg.refine_steps`` steps at ``cfg.refine_lr``; ``cfg.refine_shift`` is the largest shift as
+    a fraction of the image side (0: the images as they are), the shifts drawn from ``cfg.seed``.
     Full batch (its gradient summed over ``images_per_backward`` chunks where the model is
-    large), the shifts drawn from ``seed``, so a run is deterministic. Returns the record for
+    large) and seeded shifts, so a run is deterministic. Returns the record for
     ``search.json``: the KL on the unshifted images before and after, and the time.
     """
     t0 = time.time()
     with torch.no_grad():
         fp_probs = F.softmax(fp_model(images), dim=-1)
         before = float(_kl(qmodel(images), fp_probs))
-    gen = torch.Generator().manual_seed(seed)
-    max_shift = shift_pixels(images, shift)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    max_shift = shift_pixels(images, cfg.refine_shift)
     frozen = [p for p in qmodel.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
         with torch.enable_grad(), learnable_scales(qmodel) as log_scales:
-            opt = torch.optim.Adam(log_scales, lr=lr)
+            opt = torch.optim.Adam(log_scales, lr=cfg.refine_lr)
             chunk = images_per_backward(qmodel)
             batch, targets = images, fp_probs
-            for _ in tqdm(range(steps), desc="refine scales", disable=not progress, leave=False):
+            for _ in tqdm(
+                range(cfg.refine_steps), desc="refine scales", disable=not progress, leave=False
+            ):
                 opt.zero_grad(set_to_none=True)
                 if max_shift:
                     batch = shifted(images, max_shift, gen)
@@ -115,4 +116,9 @@ def refine_scales(
             p.requires_grad_(True)
     with torch.no_grad():
         after = float(_kl(qmodel(images), fp_probs))
-    return {"steps": steps, "kl_before": before, "kl_after": after, "seconds": time.time() - t0}
+    return {
+        "steps": cfg.refine_steps,
+        "kl_before": before,
+        "kl_after": after,
+        "seconds": time.time() - t0,
+    }
