@@ -108,12 +108,12 @@ def cli() -> None:
 @model_options
 @click.option(
     "--bits",
-    default="w8a8",
-    show_default=True,
-    help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.",
+    help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.  [default: w8a8]",
 )
 @click.option(
-    "--budget-mb", type=float, help="Mixed precision under a model-size budget (packed MB)."
+    "--budget-mb",
+    type=float,
+    help="Mixed precision under a model-size budget (packed MB); with --bits only as mp:W[xA].",
 )
 @click.option("--target", default="ort", show_default=True, help="ort or trt.")
 @click.option(
@@ -243,12 +243,13 @@ def quantize(**kw) -> None:
 @device_option
 def synth_cmd(**kw) -> None:
     """Stage 1: synthetic calibration images (images.safetensors, grid.png, synth.json)."""
-    from pathlib import Path
 
-    from clamp_export.atomic import ensure_writable_dir
+    from clamp_export.atomic import check_creatable_dir
     from clamp_export.device import compute_device
     from clamp_export.models import load_model
+    from clamp_export.rundir import RunDir
     from clamp_export.synth import meta_of, preset, synthesize
+    from clamp_export.synth.generator import check_memory
     from clamp_export.synth.store import copy_set, write_files
 
     cfg = preset(
@@ -261,15 +262,24 @@ def synth_cmd(**kw) -> None:
         seed=kw["seed"],
     )
     device = compute_device(kw["device"])
-    out = ensure_writable_dir(kw["out"])
+    out = check_creatable_dir(kw["out"], "--out")
+    cache = None if kw["no_cache"] else check_creatable_dir(kw["cache_dir"], "--cache-dir")
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
     loaded = load_model(kw["model"], **_model_kwargs(kw))
+    for note in loaded.notes:
+        log(f"warning: {note}")
+    check_memory(loaded.model, loaded.preprocess, cfg.n, cfg.method != "noise" and cfg.steps > 0)
     loaded.model.to(device)
-    cache = None if kw["no_cache"] else Path(kw["cache_dir"])
-    result, folder = synthesize(loaded, cfg, cache, log=lambda m: click.echo(m, err=True))
-    if folder is not None:
-        copy_set(folder, out)
-    else:
-        write_files(result, loaded.preprocess, out, meta_of(loaded))
+    with RunDir(out) as run_dir:
+        result, folder = synthesize(loaded, cfg, cache, log=log)
+        if folder is not None:
+            copy_set(folder, run_dir.staging)
+        else:
+            write_files(result, loaded.preprocess, run_dir.staging, meta_of(loaded))
+        run_dir.commit()
     click.echo(
         f"{len(result.images)} {cfg.method} images for {loaded.name} in {out}: misprediction rate "
         f"{100 * result.misprediction_rate:.1f}%, {result.seconds:.1f}s"
@@ -297,8 +307,8 @@ def lint_cmd(onnx_file: str, target: str) -> None:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except UserError as e:
-        click.echo(f"clamp-export: error: {e}", err=True)
+    except UserError as e:  # one line, whatever a library put into the message
+        click.echo(f"clamp-export: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("clamp-export: aborted", err=True)

@@ -4,6 +4,7 @@ lint → (TensorRT build) → parity report. The CLI only parses flags into a ``
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,18 +19,21 @@ from clamp_export.device import compute_device
 from clamp_export.errors import UserError
 from clamp_export.export.lint import lint
 from clamp_export.export.qdq import export_qdq
-from clamp_export.models import load_model
+from clamp_export.models import LoadedModel, load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import RANGE_METHODS, calibrate
 from clamp_export.quant.fakequant import collect_qparams, load_qparams, quantizers, wrap_model
 from clamp_export.quant.qparams import QParams
-from clamp_export.quant.targets import get_profile
+from clamp_export.quant.targets import TargetProfile, get_profile
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
+from clamp_export.rundir import CHECKPOINT, RunDir
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
-from clamp_export.search import prepare_equalization, run_search, write_search_json
+from clamp_export.search import SearchConfig, prepare_equalization, run_search, write_search_json
 from clamp_export.search import preset as search_preset
+from clamp_export.search.driver import load_checkpoint, search_identity
 from clamp_export.search.mixed import allocate_bits, summarize
-from clamp_export.synth import preset, synthesize
+from clamp_export.synth import SynthConfig, preset, synthesize
+from clamp_export.synth.generator import check_memory
 
 CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
 # --calib clamp = Stage 1 (clamp images) + Stage 2 (search); the others are min-max/percentile
@@ -40,7 +44,7 @@ PARITY_NOISE_IMAGES = 64
 @dataclass
 class RunConfig:
     model: str
-    bits: str = "w8a8"
+    bits: str | None = None  # None: w8a8, or mixed precision under budget_mb
     target: str = "ort"
     weights: str | None = None
     num_classes: int | None = None
@@ -97,19 +101,63 @@ def _check(cfg: RunConfig) -> None:
         raise UserError(
             f"unknown --range {cfg.range_method!r}; choose one of: {', '.join(RANGE_METHODS)}"
         )
+    if not 50 < cfg.percentile <= 100:  # False for NaN too
+        raise UserError(f"--percentile must lie in (50, 100], got {cfg.percentile}")
     if cfg.calib_size < 1:
         raise UserError("--calib-size must be at least 1")
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise UserError("--eval-limit must be at least 1")
+    if cfg.budget_mb is not None and not (math.isfinite(cfg.budget_mb) and cfg.budget_mb > 0):
+        raise UserError(f"--budget-mb must be a positive number of MB, got {cfg.budget_mb}")
+    if cfg.resume and (cfg.qparams or cfg.calib != "clamp"):
+        raise UserError(
+            "--resume continues a CLAMP search (--calib clamp); --qparams and the other --calib "
+            "sources have none to continue"
+        )
+    if cfg.cache_dir:
+        atomic.check_creatable_dir(cfg.cache_dir, "--cache-dir")
+    atomic.check_creatable_dir(cfg.out, "--out")
+
+
+def _bits(cfg: RunConfig) -> BitsSpec:
+    """--bits, or under --budget-mb the mixed precision that the budget sets."""
+    bits = BitsSpec.parse(cfg.bits or "w8a8")
+    if cfg.budget_mb is None or bits.mixed:
+        return bits
+    if cfg.bits is not None:
+        raise UserError(
+            f"--budget-mb chooses the weight bits itself, so it contradicts --bits {cfg.bits}; "
+            "drop --bits, or pass --bits mp:W[xA] to cap the averages as well"
+        )
+    return BitsSpec(weight=8, act=8, mp_weight=8.0)  # the budget sets the average weight bits
+
+
+def _load_calibration_images(cfg: RunConfig, loaded) -> torch.Tensor | None:
+    """Real calibration images (None for the synthetic sources), refused if too few or too many."""
+    optimize = cfg.calib in ("clamp", "clamp-synth", "psaq")
+    check_memory(loaded.model, loaded.preprocess, cfg.calib_size, optimize, "--calib-size")
+    if cfg.calib != "real":
+        return None
+    x, _ = load_images(
+        cfg.calib_data, loaded.preprocess, limit=cfg.calib_size, seed=cfg.seed, shuffle=True
+    )
+    if len(x) < cfg.calib_size:
+        raise UserError(
+            f"--calib-size {cfg.calib_size} but {cfg.calib_data} holds only {len(x)} images"
+        )
+    return x
 
 
 def run(cfg: RunConfig, log=print) -> dict:
-    """Run everything; returns the report (also written to OUT/report.json)."""
+    """Run everything; returns the report (also written to OUT/report.json).
+
+    Every input is checked before the long work starts, and the run writes into a staging
+    folder that replaces the previous run's files only when it succeeds (``rundir.RunDir``).
+    """
     t_start = time.time()
     _check(cfg)
     device = compute_device(cfg.device)  # refused before anything is loaded or written
-    bits, profile = BitsSpec.parse(cfg.bits), get_profile(cfg.target)
-    out = atomic.ensure_writable_dir(cfg.out)
+    bits, profile = _bits(cfg), get_profile(cfg.target)
     torch.manual_seed(cfg.seed)
     loaded = load_model(
         cfg.model,
@@ -122,35 +170,87 @@ def run(cfg: RunConfig, log=print) -> dict:
         std=cfg.std,
         random_init=cfg.random_init,
     )
-    loaded.model.to(device)
+    for note in loaded.notes:
+        log(f"warning: {note}")
     pre = loaded.preprocess
     eval_x = eval_y = None
     if cfg.eval_data:
         eval_x, eval_y = load_images(cfg.eval_data, pre, limit=cfg.eval_limit)
+        if eval_y is not None and int(eval_y.max()) >= loaded.model.num_classes:
+            raise UserError(
+                f"labels of {cfg.eval_data} go up to {int(eval_y.max())} but {loaded.name} has "
+                f"{loaded.model.num_classes} classes"
+            )
+    loaded.model.to(device)
     qmodel = wrap_model(loaded.model, bits, profile, cfg.softmax)
-    if cfg.budget_mb is not None and not bits.mixed:
-        bits = BitsSpec(weight=8, act=8, mp_weight=8.0)  # the budget sets the average weight bits
+    p = _Prepared(loaded, qmodel, bits, profile, device, eval_x, eval_y)
     if cfg.qparams:
         qp = QParams.load(cfg.qparams)
         if qp.bits != str(bits) and not bits.mixed:
             raise UserError(f"{cfg.qparams} holds {qp.bits} parameters but --bits is {bits}")
         qp.validate(profile)
         load_qparams(qmodel, qp)
+        p.qparams = qp
+    else:
+        p.real_x = _load_calibration_images(cfg, loaded)
+        if p.real_x is None:
+            p.synth_cfg = preset(
+                cfg.synth_preset, method=SYNTH_METHOD[cfg.calib], n=cfg.calib_size, seed=cfg.seed
+            )
+        p.search_cfg = search_preset(cfg.search_preset, bits, seed=cfg.seed, **cfg.search_overrides)
+    with RunDir(cfg.out, resume=cfg.resume) as run_dir:
+        report = _run(cfg, p, run_dir, log)
+        report["seconds"] = round(time.time() - t_start, 1)
+        atomic.write_json(run_dir.path("report.json"), report)
+        run_dir.commit()
+    return report
+
+
+@dataclass
+class _Prepared:
+    """Everything checked and built before the run directory is touched."""
+
+    loaded: LoadedModel
+    qmodel: torch.nn.Module
+    bits: BitsSpec
+    profile: TargetProfile
+    device: torch.device
+    eval_x: torch.Tensor | None
+    eval_y: torch.Tensor | None
+    qparams: QParams | None = None  # --qparams, already installed on qmodel
+    real_x: torch.Tensor | None = None  # --calib real
+    synth_cfg: SynthConfig | None = None
+    search_cfg: SearchConfig | None = None
+
+
+def _run(cfg: RunConfig, p: _Prepared, run_dir: RunDir, log) -> dict:
+    out, stage = Path(cfg.out), run_dir.path
+    loaded, qmodel, bits, profile, device = p.loaded, p.qmodel, p.bits, p.profile, p.device
+    eval_x, eval_y, pre = p.eval_x, p.eval_y, loaded.preprocess
+    identity = None
+    if p.search_cfg is not None and cfg.calib == "clamp":
+        identity = {
+            "model": loaded.name,
+            "weights_sha256": loaded.weights_sha256,
+            "bits": str(bits),
+            "target": profile.name,
+            "softmax": cfg.softmax,
+            "synth": json.dumps(p.synth_cfg.to_dict(), sort_keys=True),
+        }
+        if cfg.resume:  # refuse a foreign or corrupt checkpoint before Stage 1, not after it
+            load_checkpoint(
+                run_dir.path(CHECKPOINT), search_identity(identity, p.search_cfg, qmodel)
+            )
+    if p.qparams is not None:
+        qp = p.qparams
         log(f"using {cfg.qparams}")
     else:
         synth_record = None
-        if cfg.calib == "real":
-            calib_x, _ = load_images(
-                cfg.calib_data, pre, limit=cfg.calib_size, seed=cfg.seed, shuffle=True
-            )
+        if p.real_x is not None:
+            calib_x = p.real_x
         else:
-            synth_cfg = preset(
-                cfg.synth_preset,
-                method=SYNTH_METHOD[cfg.calib],
-                n=cfg.calib_size,
-                seed=cfg.seed,
-            )
-            synth, _ = synthesize(loaded, synth_cfg, cfg.cache_dir and Path(cfg.cache_dir), log=log)
+            cache = cfg.cache_dir and Path(cfg.cache_dir)
+            synth, _ = synthesize(loaded, p.synth_cfg, cache, log=log)
             calib_x = synth.images
             synth_record = {
                 "config": synth.config.to_dict(),
@@ -159,7 +259,7 @@ def run(cfg: RunConfig, log=print) -> dict:
                 "cached": synth.cached,
             }
         calib_x = calib_x.to(device)
-        scfg = search_preset(cfg.search_preset, bits, seed=cfg.seed, **cfg.search_overrides)
+        scfg = p.search_cfg
         fp_ref = loaded.model
         if cfg.calib == "clamp":
             fp_ref = prepare_equalization(loaded.model, qmodel, calib_x, scfg)
@@ -178,14 +278,6 @@ def run(cfg: RunConfig, log=print) -> dict:
         search_record = None
         if cfg.calib == "clamp":
             log(f"searching ({cfg.search_preset}: {scfg.passes} passes x {scfg.cycles} cycles)")
-            identity = {
-                "model": loaded.name,
-                "weights_sha256": loaded.weights_sha256,
-                "bits": str(bits),
-                "target": profile.name,
-                "softmax": cfg.softmax,
-                "synth": json.dumps(synth_record["config"], sort_keys=True),
-            }
             _, calib_x, slog = run_search(
                 fp_ref,
                 qmodel,
@@ -193,11 +285,11 @@ def run(cfg: RunConfig, log=print) -> dict:
                 scfg,
                 header,
                 pre.pixel_bounds(),
-                run_dir=out,
+                run_dir=run_dir.staging,
                 identity=identity,
                 resume=cfg.resume,
             )
-            write_search_json(out / "search.json", scfg, slog)
+            write_search_json(stage("search.json"), scfg, slog)
             if slog.refine:
                 r = slog.refine
                 log(
@@ -235,13 +327,13 @@ def run(cfg: RunConfig, log=print) -> dict:
             },
         )
         qp.validate(profile)
-        qp.save(out / "qparams.json")
+        qp.save(stage("qparams.json"))
 
     # the deployed graph and its parity are CPU work
     loaded.model.cpu()
     qmodel.cpu()
-    onnx_path = out / "model.qdq.onnx"
-    log(f"exporting {onnx_path} (opset {profile.opset}, {profile.float_dtype})")
+    onnx_path = stage("model.qdq.onnx")
+    log(f"exporting {out / onnx_path.name} (opset {profile.opset}, {profile.float_dtype})")
     proto = export_qdq(qmodel, pre.input_size, profile, onnx_path)
     violations = lint(proto, profile)
     if violations:
@@ -254,7 +346,7 @@ def run(cfg: RunConfig, log=print) -> dict:
         if trt_build.available():
             log("building a TensorRT engine ahead of time")
             res = trt_build.build_engine(
-                onnx_path, out / "model.engine", input_shape=pre.input_size
+                onnx_path, stage("model.engine"), input_shape=pre.input_size
             )
             engine = asdict(res)
         else:
@@ -278,12 +370,15 @@ def run(cfg: RunConfig, log=print) -> dict:
         "logit_error": {"ort": logit_error(ort_logits, fq).to_dict()},
         "artifacts": {
             "qparams": str(out / "qparams.json") if not cfg.qparams else cfg.qparams,
-            "onnx": str(onnx_path),
+            "onnx": str(out / onnx_path.name),
             "onnx_bytes": onnx_path.stat().st_size,
             "engine": engine,
         },
         "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
-        "notes": _notes(bits, profile.name, any(q.twin for _, _, q in quantizers(qmodel))),
+        "notes": [
+            *loaded.notes,
+            *_notes(bits, profile.name, any(q.twin for _, _, q in quantizers(qmodel))),
+        ],
         "config": asdict(cfg),
         "versions": versions(),
         "seconds": None,
@@ -294,8 +389,6 @@ def run(cfg: RunConfig, log=print) -> dict:
             "fakequant": top1_accuracy(fq, eval_y),
             "ort": top1_accuracy(ort_logits, eval_y),
         }
-    report["seconds"] = round(time.time() - t_start, 1)
-    atomic.write_json(out / "report.json", report)
     return report
 
 

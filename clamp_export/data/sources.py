@@ -16,6 +16,7 @@ from clamp_export.data.fashion_mnist import load_fashion_mnist
 from clamp_export.data.folder import load_image_folder
 from clamp_export.errors import UserError
 from clamp_export.models.preprocess import Preprocess
+from clamp_export.tensorfile import read_tensor_file
 
 FMNIST_NAMES = {"fmnist": "test", "fmnist-test": "test", "fmnist-train": "train"}
 
@@ -37,22 +38,50 @@ def _fit(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 
 def _load_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            d = load_file(str(path))
-        else:
-            d = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read tensor file {path}: {e}") from None
+    d = read_tensor_file(path, "tensor file")
     if isinstance(d, torch.Tensor):
-        return d.float(), None
-    if not isinstance(d, dict) or "images" not in d:
+        return d, None
+    if not isinstance(d, dict) or not isinstance(d.get("images"), torch.Tensor):
         raise UserError(
             f"{path} must hold a tensor or a dict with 'images' (and optional 'labels')"
         )
-    return d["images"].float(), d.get("labels")
+    labels = d.get("labels")
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise UserError(f"{path}: 'labels' must be a tensor of class indices")
+    return d["images"], labels
+
+
+def _check_set(source: str, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Everything a set can get wrong, said where it enters rather than after export."""
+    if images.dim() != 4:
+        raise UserError(
+            f"images from {source} have shape {tuple(images.shape)}; expected [N, C, H, W]"
+        )
+    if len(images) == 0:
+        raise UserError(f"{source} holds no images")
+    if (
+        not images.is_floating_point()
+        or not torch.isfinite(images).all()
+        or images.min() < 0
+        or images.max() > 1
+    ):
+        raise UserError(
+            f"images from {source} must be finite floats in [0, 1] (found "
+            f"{str(images.dtype).removeprefix('torch.')}; uint8 pixels need dividing by 255)"
+        )
+    if labels is None:
+        return
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise UserError(
+            f"labels from {source} must be a 1-D tensor of class indices, got "
+            f"{str(labels.dtype).removeprefix('torch.')} {tuple(labels.shape)}"
+        )
+    if len(labels) != len(images):
+        raise UserError(f"{source} holds {len(images)} images but {len(labels)} labels")
+    if labels.min() < 0:
+        raise UserError(
+            f"labels from {source} must be class indices >= 0, found {int(labels.min())}"
+        )
 
 
 def load_images(
@@ -78,10 +107,7 @@ def load_images(
             images, labels_t = load_image_folder(path, pre.input_size, pre.interpolation)
         else:
             images, labels_t = _load_tensor_file(path)
-    if images.dim() != 4:
-        raise UserError(
-            f"images from {source} have shape {tuple(images.shape)}; expected [N, C, H, W]"
-        )
+    _check_set(source, images, labels_t)
     if limit is not None and limit < len(images):
         idx = (
             torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
@@ -90,7 +116,7 @@ def load_images(
         )
         images = images[idx]
         labels_t = labels_t[idx] if labels_t is not None else None
-    return pre.normalize(_fit(images, pre)), labels_t
+    return pre.normalize(_fit(images.float(), pre)), labels_t
 
 
 def noise_images(n: int, pre: Preprocess, seed: int = 0) -> torch.Tensor:

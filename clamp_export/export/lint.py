@@ -81,6 +81,16 @@ def _expected_weight_axis(consumer: onnx.NodeProto, weight_name: str) -> int | N
     return None
 
 
+def _centres_its_input(reduce_mean: onnx.NodeProto, consumers: dict) -> bool:
+    """A LayerNorm written out subtracts the mean from the tensor it was taken of; a pooling head's
+    ReduceMean (global_pool="avg") feeds the next layer instead."""
+    source = reduce_mean.input[0]
+    return any(
+        c.op_type == "Sub" and c.input[0] == source and c.input[1] == reduce_mean.output[0]
+        for c in consumers.get(reduce_mean.output[0], [])
+    )
+
+
 def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -99,7 +109,7 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
     for n in graph.node:
         if n.op_type in _INTEGER_OPS:
             bad(n, "no-integer-ops", f"{n.op_type} is not accepted; use Q/DQ around float ops")
-        if n.op_type == "ReduceMean":
+        if n.op_type == "ReduceMean" and _centres_its_input(n, consumers):
             bad(n, "single-layernorm", "decomposed LayerNorm (ReduceMean); export with opset >= 17")
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -146,6 +156,13 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
                     "weight-axis",
                     f"{scale.size} scales for {weight.shape[want]} output channels",
                 )
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        bad(
+            graph.name or "<graph>",
+            "quantized",
+            "no QuantizeLinear/DequantizeLinear at all: a float graph, not a quantized deployment; "
+            "export it with clamp-export",
+        )
     want_float = _FLOAT_TYPES[profile.float_dtype]
     for v in list(graph.input) + list(graph.output):
         et = v.type.tensor_type.elem_type

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ast
-import hashlib
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
+from clamp_export.atomic import sha256_file
 from clamp_export.errors import UserError
 from clamp_export.models import registry
 from clamp_export.models.preprocess import Preprocess
@@ -23,6 +24,7 @@ class LoadedModel:
     preprocess: Preprocess
     weights: str  # "bundled:FILE", a path, "timm-pretrained" or "random"
     weights_sha256: str | None
+    notes: list[str] = field(default_factory=list)  # said once and recorded in the report
 
 
 def parse_model_args(items: tuple[str, ...] | list[str]) -> dict:
@@ -41,12 +43,26 @@ def parse_model_args(items: tuple[str, ...] | list[str]) -> dict:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _check_shape_args(kwargs: dict) -> None:
+    for key, least, why in (
+        ("num_classes", 1, "clamp-export needs the classifier head for top-1 and parity"),
+        ("img_size", 1, "an image has at least one pixel"),
+        ("in_chans", 1, "an image has at least one channel"),
+    ):
+        v = kwargs.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"{flag} must be an integer of at least {least}, got {v!r}; {why}")
+
+
+def _check_preprocess(pre: Preprocess) -> None:
+    for label, values in (("mean", pre.mean), ("std", pre.std)):
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--{label} {','.join(map(str, values))} is not finite")
+    if not all(v > 0 for v in pre.std):
+        raise UserError(
+            f"--std {','.join(map(str, pre.std))} must be positive: images are divided by it"
+        )
 
 
 def load_model(
@@ -70,18 +86,21 @@ def load_model(
     ):
         if value is not None:
             kwargs[key] = value
+    _check_shape_args(kwargs)
     bundled = registry.REFERENCE_DIR / spec.bundled_weights if spec.bundled_weights else None
     if weights is None and bundled is not None and not random_init and not bundled.is_file():
         raise UserError(f"bundled weights {bundled} are missing; reinstall clamp-export")
     pretrained = weights is None and bundled is None and not random_init
     model = registry.create(spec, pretrained=pretrained, model_kwargs=kwargs)
-    source, digest = ("random", None)
-    if weights is not None:
-        load_weights(model, weights, user_num_classes=num_classes)
-        source, digest = str(weights), _sha256(Path(weights))
-    elif bundled is not None and not random_init:
-        load_weights(model, bundled)
-        source, digest = f"bundled:{bundled.name}", _sha256(bundled)
+    source, digest, notes = "random", None, []
+    file = Path(weights) if weights is not None else bundled
+    if file is not None and not random_init:
+        # position embeddings are resampled only for a size the user asked for
+        notes = load_weights(
+            model, file, user_num_classes=num_classes, resample_ok="img_size" in kwargs
+        )
+        source = str(weights) if weights is not None else f"bundled:{bundled.name}"
+        digest = sha256_file(file)
     elif pretrained:
         source = "timm-pretrained"
         cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -97,4 +116,5 @@ def load_model(
             mean=tuple(mean) * (c // len(mean)) if mean else pre.mean,
             std=tuple(std) * (c // len(std)) if std else pre.std,
         )
-    return LoadedModel(name, spec.timm_name, model.eval(), pre, source, digest)
+    _check_preprocess(pre)
+    return LoadedModel(name, spec.timm_name, model.eval(), pre, source, digest, notes)

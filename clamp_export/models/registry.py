@@ -114,8 +114,10 @@ def create(
         _check_pretrained_reachable(spec.timm_name)
     try:
         model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise UserError(f"bad model argument for {spec.timm_name}: {e}") from None
+    except (TypeError, AssertionError) as e:
+        raise UserError(
+            f"bad model argument for {spec.timm_name}: {e or 'rejected by timm'}"
+        ) from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
             raise UserError(
@@ -130,19 +132,38 @@ def create(
             f"{spec.timm_name} is a {type(model).__name__}; clamp-export handles timm "
             "VisionTransformer models (ViT, DeiT)"
         )
+    check_layout(model, spec.timm_name)
     return model.eval()
 
 
 def preprocess_for(spec: ModelSpec, model: torch.nn.Module) -> Preprocess:
-    if spec.preprocess is not None:
-        return spec.preprocess
-    cfg = timm.data.resolve_data_config({}, model=model)
-    # The model itself, not its pretrained cfg, knows the size it was built for (--img-size).
+    """The alias's constants (or timm's pretrained cfg), at the size and channels the model was
+    built for: --img-size and --in-chans change the model, so its input follows."""
     in_chans = model.patch_embed.proj.in_channels
     h, w = model.patch_embed.img_size
-    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    if len(mean) != in_chans:  # e.g. --in-chans 1 on an RGB architecture
+    if spec.preprocess is not None:
+        mean, std, interpolation = (
+            spec.preprocess.mean,
+            spec.preprocess.std,
+            spec.preprocess.interpolation,
+        )
+    else:
+        cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std, interpolation = tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"]
+    if len(mean) != in_chans:  # e.g. --in-chans 1 on an RGB architecture, or 3 on a grey one
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return Preprocess(
-        mean=mean, std=std, input_size=(in_chans, h, w), interpolation=cfg["interpolation"]
-    )
+    return Preprocess(mean=mean, std=std, input_size=(in_chans, h, w), interpolation=interpolation)
+
+
+# timm global_pool values whose pooling the fake-quant model and the graph both compute in float
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
+
+
+def check_layout(model: torch.nn.Module, timm_name: str) -> None:
+    """Refuse at load time what the fake-quant wrapping does not cover, saying what it does."""
+    pool = getattr(model, "global_pool", "token")
+    if pool not in SUPPORTED_POOLS or getattr(model, "attn_pool", None) is not None:
+        raise UserError(
+            f"{timm_name} with global_pool={pool!r} is not supported; clamp-export takes "
+            f"global_pool {', '.join(repr(p) for p in SUPPORTED_POOLS)} (class token or pooled tokens)"
+        )

@@ -156,11 +156,14 @@ class Quantizer(nn.Module):
         return z, self.qmin, self.qmax
 
     def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        scale = scale.detach().float()
-        if self.store_dtype == torch.float16:  # an FP16 graph holds FP16 scales: use exactly those
-            scale = scale.clamp(min=_FP16_MIN_NORMAL, max=_FP16_MAX).half().float()
-        self.scale = scale.clone().to(self.scale.device)
-        self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
+        # normal tensors even when called under inference_mode (mixed-precision allocation): the
+        # export traces through them with autograd on, which refuses inference tensors
+        with torch.inference_mode(False):
+            scale = scale.detach().float()
+            if self.store_dtype == torch.float16:  # an FP16 graph holds FP16 scales: use those
+                scale = scale.clamp(min=_FP16_MIN_NORMAL, max=_FP16_MAX).half().float()
+            self.scale = scale.clone().to(self.scale.device)
+            self.zero_point = zero_point.detach().to(torch.int32).clone().to(self.scale.device)
         self._zp_is_zero = not bool(self.zero_point.any())
         self._cached_weight = None
         if self.twin:  # the split point, as the graph stores it
@@ -487,6 +490,16 @@ def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
             f"qparams.json does not match this model (missing {missing}, unexpected {extra}); "
             "it was made for another model"
         )
+    modules = dict(model.named_modules())
+    for name, role, _ in quantizers(model):  # every check before the model is touched
+        p, n = qp.get(name, role), 1
+        if role == WEIGHT_ROLE:
+            n = modules[name].weight.shape[0]
+        if len(p.scale) != n or len(p.zero_point) != n:
+            raise UserError(
+                f"qparams entry {name}:{role} has {len(p.scale)} scales and {len(p.zero_point)} "
+                f"zero-points, but the layer needs {n}; it was made for another model"
+            )
     if qp.equalization != applied_equalization(model):
         equalize_wrapped(model, qp.equalization)
     for name, role, q in quantizers(model):

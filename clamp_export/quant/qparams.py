@@ -18,6 +18,7 @@ import torch
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
+from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.equalize import Factors, check_factors
 from clamp_export.quant.math import level_range
 from clamp_export.quant.targets import TargetProfile
@@ -106,27 +107,26 @@ class QParams:
         return {"version": d.pop("version"), **d}
 
     @classmethod
-    def from_dict(cls, d: dict) -> QParams:
+    def from_dict(cls, d: object) -> QParams:
+        if not isinstance(d, dict):
+            raise UserError(
+                f"malformed qparams.json: the top level is a JSON {type(d).__name__}, not an object"
+            )
         if d.get("version") not in READABLE_VERSIONS:
             raise UserError(
                 f"qparams.json has schema version {d.get('version')!r}; this clamp-export reads "
                 f"versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
-        try:
-            modules = {
-                m: {r: QuantPoint(**p) for r, p in roles.items()}
-                for m, roles in d["modules"].items()
-            }
-            return cls(
-                model=d["model"],
-                target=d["target"],
-                bits=d["bits"],
-                modules=modules,
-                metadata=d.get("metadata", {}),
-                equalization=_factors(d.get("equalization", {})),
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"malformed qparams.json: {type(e).__name__}: {e}") from None
+        _check_schema(d)
+        modules = {m: {r: _point(p) for r, p in roles.items()} for m, roles in d["modules"].items()}
+        return cls(
+            model=d["model"],
+            target=d["target"],
+            bits=d["bits"],
+            modules=modules,
+            metadata=d.get("metadata", {}),
+            equalization=d.get("equalization", {}),
+        )
 
     def save(self, path: Path | str) -> None:
         atomic.write_json(path, self.to_dict())
@@ -134,9 +134,13 @@ class QParams:
     @classmethod
     def load(cls, path: Path | str) -> QParams:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise UserError(f"qparams file {path} not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read qparams file {path}: {type(e).__name__}") from None
+        try:
+            return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON: {e}") from None
 
@@ -144,12 +148,21 @@ class QParams:
     def violations(self, profile: TargetProfile) -> list[str]:
         """Every way these parameters break ``profile``, one readable line each."""
         out = check_factors(self.equalization)
+        try:
+            spec = BitsSpec.parse(self.bits)
+        except UserError:
+            return [*out, f"bits: {self.bits!r} is not a bits spec (wXaY or mp:W[xA])"]
         for module, role, p in self.points():
             where = f"{module}:{role}"
             is_weight = role == WEIGHT_ROLE
             if p.bits not in profile.allowed_bits:
                 out.append(f"{where}: {p.bits} bits not allowed on {profile.name}")
                 continue
+            want = _expected_bits(spec, module, is_weight)
+            if want is not None and p.bits != want:
+                out.append(f"{where}: {p.bits}-bit levels in a {self.bits} file (expected {want})")
+            if profile.float_dtype == "float16":
+                out.extend(_fp16_violations(where, p))
             signed = profile.weight_signed if is_weight else profile.act_signed
             symmetric = profile.weight_symmetric if is_weight else profile.act_symmetric
             if p.signed != signed:
@@ -189,13 +202,96 @@ class QParams:
             raise UserError(f"qparams violate target {profile.name!r}: {bad[0]}{more}")
 
 
-def _factors(raw) -> Factors:
-    if not isinstance(raw, dict) or not all(
-        isinstance(roles, dict) and all(isinstance(f, list) for f in roles.values())
-        for roles in raw.values()
-    ):
-        raise TypeError("equalization must map block -> role -> list of factors")
-    return raw
+_POINT_SCHEMA = {
+    "type": "object",
+    "required": ["bits", "signed", "scale", "zero_point"],
+    "additionalProperties": False,
+    "properties": {
+        "bits": {"type": "integer"},
+        "signed": {"type": "boolean"},
+        "scale": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+        "zero_point": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+        "axis": {"type": ["integer", "null"]},
+        "window": {
+            "type": ["array", "null"],
+            "items": {"type": "integer"},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+        "twin": {"type": "boolean"},
+    },
+}
+SCHEMA = {
+    "type": "object",
+    "required": ["version", "model", "target", "bits", "modules"],
+    "properties": {
+        "version": {"type": "integer"},
+        "model": {"type": "string"},
+        "target": {"type": "string"},
+        "bits": {"type": "string"},
+        "modules": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": _POINT_SCHEMA,
+            },
+        },
+        "metadata": {"type": "object"},
+        "equalization": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": {"type": "number"}},
+            },
+        },
+    },
+}
+
+
+def _check_schema(d: dict) -> None:
+    """Types and shape (a string scale, a fractional zero-point) refused with the JSON path."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(d))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise UserError(f"malformed qparams.json at {where}: {error.message}")
+
+
+def _point(d: dict) -> QuantPoint:
+    """A QuantPoint from a schema-checked dict; integral floats (3.0) become ints."""
+    d = {**d, "zero_point": [int(z) for z in d["zero_point"]], "bits": int(d["bits"])}
+    if d.get("window") is not None:
+        d["window"] = [int(v) for v in d["window"]]
+    if d.get("axis") is not None:
+        d["axis"] = int(d["axis"])
+    return QuantPoint(**d)
+
+
+def _expected_bits(spec: BitsSpec, module: str, is_weight: bool) -> int | None:
+    """The width ``spec`` gives a point (None: the mixed-precision search chooses it)."""
+    if not module.startswith("blocks."):
+        return spec.edge  # the patch embedding and the head(s)
+    if spec.mixed:
+        return None if is_weight or spec.mp_act is not None else spec.act
+    return spec.weight if is_weight else spec.act
+
+
+_FP16 = torch.finfo(torch.float16)
+
+
+def _fp16_violations(where: str, p: QuantPoint):
+    """A float16 graph stores the scale and level x scale: both must stay normal and finite."""
+    levels = 2 ** (p.bits - 1) if p.signed else 2**p.bits - 1
+    for s in p.scale:
+        if math.isfinite(s) and s > 0 and not (_FP16.tiny <= s and s * levels <= _FP16.max):
+            yield (
+                f"{where}: scale {s:g} does not fit the float16 graph (scale >= {_FP16.tiny:.3g} "
+                f"and scale x {levels} levels <= {_FP16.max:g})"
+            )
+            return
 
 
 def _point_dict(p: QuantPoint) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+from clamp_export.checks import require_finite
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BitsSpec
 
@@ -69,6 +70,7 @@ class SearchConfig:
             )
         if min(self.passes, self.cycles, self.population) < 1 or self.tournament < 1:
             raise UserError("passes, cycles, population and tournament must be at least 1")
+        require_finite(self, "search", positive=("tau", "scan", "channel_scan"))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -10,11 +10,14 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -29,6 +32,7 @@ from clamp_export.quant.fakequant import (
     set_mode,
 )
 from clamp_export.quant.qparams import QParams
+from clamp_export.rundir import CHECKPOINT
 from clamp_export.search import stages
 from clamp_export.search.channels import scan_weight_channels
 from clamp_export.search.config import SearchConfig
@@ -38,7 +42,7 @@ from clamp_export.search.refine import refine_scales
 from clamp_export.synth.generator import float_tap
 from clamp_export.synth.losses import patch_infonce
 
-CHECKPOINT = "search.ckpt"
+CHECKPOINT_KEY = "clamp_export.search_checkpoint"
 
 
 @dataclass
@@ -208,19 +212,42 @@ def refine_images(
 
 
 def _save_checkpoint(path: Path, identity: dict, state: dict) -> None:
+    """Images as a safetensors tensor, everything else as JSON in its header: nothing in the file
+    can run code when it is read back (run directories travel as CI artifacts)."""
+    images = state.pop("images").detach().cpu().contiguous()
+    meta = {CHECKPOINT_KEY: json.dumps({"identity": identity, **state})}
     with atomic.atomic_path(path) as tmp:
-        torch.save({"identity": identity, **state}, tmp)
+        save_file({"images": images}, str(tmp), metadata=meta)
 
 
-def _load_checkpoint(path: Path, identity: dict) -> dict:
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's state, or one UserError for anything that is not our format."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["identity"]
-    except Exception as e:
+        with safe_open(str(path), framework="pt") as f:
+            ckpt = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
+            ckpt["images"] = f.get_tensor("images")
+        if not isinstance(ckpt["identity"], dict) or not isinstance(ckpt["next"], int):
+            raise TypeError("identity is not a mapping or next is not a layer index")
+        ckpt["log"] = SearchLog(**ckpt["log"])
+    except Exception as e:  # a pickle, a truncated file, someone else's safetensors: all refused
         raise UserError(
-            f"checkpoint {path} is corrupt ({type(e).__name__}); delete it or run without --resume "
-            "to restart the search"
+            f"checkpoint {path} is corrupt or not a clamp-export checkpoint ({type(e).__name__}); "
+            "delete it or run without --resume to restart the search"
         ) from None
+    return ckpt
+
+
+def search_identity(identity: dict, cfg: SearchConfig, qmodel: nn.Module) -> dict:
+    """What a checkpoint must have been made with to be resumed: the caller's identity (model,
+    bits, data), the search config and the layer count."""
+    layers = len(stages.searchable_layers(qmodel))
+    return {**identity, "search": cfg.to_json(), "layers": layers}
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict:
+    """``read_checkpoint``, refused unless it was made with ``identity`` (``search_identity``)."""
+    ckpt = read_checkpoint(path)
+    saved = ckpt["identity"]
     for key in sorted(set(identity) | set(saved)):
         if identity.get(key) != saved.get(key):
             raise UserError(
@@ -265,7 +292,7 @@ def run_search(
     """
     t0 = time.time()
     layers = stages.searchable_layers(qmodel)
-    identity = {**(identity or {}), "search": cfg.to_json(), "layers": len(layers)}
+    identity = search_identity(identity or {}, cfg, qmodel)
     ckpt_path = None
     if run_dir is not None:
         ckpt_path = atomic.ensure_writable_dir(run_dir) / CHECKPOINT
@@ -274,11 +301,11 @@ def run_search(
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise UserError(f"nothing to resume: no {CHECKPOINT} in {run_dir}")
-        ckpt = _load_checkpoint(ckpt_path, identity)
+        ckpt = load_checkpoint(ckpt_path, identity)
         load_qparams(qmodel, QParams.from_dict(ckpt["qparams"]))
         current = ckpt["images"].to(images.device)
         start = ckpt["next"]
-        log = SearchLog(**ckpt["log"])
+        log = ckpt["log"]
     prior_seconds = log.seconds
     set_mode(qmodel, "quant")
     stage1 = images  # refinements start from these (see refine_images)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+from clamp_export.checks import require_finite
 from clamp_export.errors import UserError
 
 METHODS = ("clamp", "psaq", "noise")
@@ -43,6 +44,9 @@ class SynthConfig:
             raise UserError("steps must be >= 0 and the neighbourhood an odd size >= 3")
         if not 1 <= self.top_k < self.neighbourhood**2:
             raise UserError(f"top_k must be in 1..{self.neighbourhood**2 - 1}")
+        require_finite(self, "synth", positive=("lr", "tau", "kde_bandwidth"))
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.jitter < 0:
+            raise UserError("synth betas must lie in [0, 1) and the jitter be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

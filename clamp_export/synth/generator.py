@@ -28,6 +28,7 @@ from clamp_export.synth.losses import patch_infonce, patch_similarity_entropy, t
 # Memory of one optimization step grows with images × tokens × width × depth; refuse batches
 # that would not fit rather than swap the machine to death.
 MAX_BYTES_PER_STEP = 8 << 30
+MAX_IMAGES = 10_000
 
 
 @dataclass
@@ -85,7 +86,14 @@ def float_tap(model: nn.Module, name: str) -> AttentionTap:
     return AttentionTap(wrapped, name)
 
 
-def check_memory(model: nn.Module, pre: Preprocess, n: int, optimize: bool) -> None:
+def check_memory(
+    model: nn.Module, pre: Preprocess, n: int, optimize: bool, flag: str = "--n"
+) -> None:
+    """Refuse, before any work, an image count that is absurd or would not fit in memory."""
+    if n > MAX_IMAGES:
+        raise UserError(
+            f"{flag} {n} is more than clamp-export calibrates on (at most {MAX_IMAGES}; CLAMP uses 32)"
+        )
     per_image = 4 * math.prod(pre.input_size)
     if optimize:
         tokens = math.prod(model.patch_embed.grid_size) + getattr(model, "num_prefix_tokens", 1)
@@ -95,7 +103,7 @@ def check_memory(model: nn.Module, pre: Preprocess, n: int, optimize: bool) -> N
     limit = max(1, MAX_BYTES_PER_STEP // per_image)
     if n > limit:
         raise UserError(
-            f"--n {n} is too large for memory: about {per_image * n / 2**30:.1f} GiB per step; at "
+            f"{flag} {n} is too large for memory: about {per_image * n / 2**30:.1f} GiB per step; at "
             f"most {limit} images for this model"
         )
 
@@ -180,7 +188,8 @@ def generate(
 
 @torch.no_grad()
 def _finish(result: SynthResult, model: nn.Module) -> SynthResult:
-    pred = model.eval()(result.images).argmax(1)
+    model.eval()
+    pred = torch.cat([model(x).argmax(1) for x in result.images.split(256)])
     result.misprediction_rate = float((pred != result.targets).float().mean())
     # on the CPU, as a set read from the cache is: callers move it where they compute
     result.images, result.targets = result.images.cpu(), result.targets.cpu()

@@ -1,5 +1,6 @@
 """The CLI end to end on the shipped reference model, on real Fashion-MNIST test images."""
 
+import hashlib
 import json
 
 import pytest
@@ -43,10 +44,16 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
     qp = json.loads((out / "qparams.json").read_text())
     assert qp["target"] == target and qp["metadata"]["weights"] == "bundled:fmnist_vit.safetensors"
     assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
         "model.qdq.onnx",
         "qparams.json",
         "report.json",
     ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {
+        name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in manifest["files"]
+    } == {name: f["sha256"] for name, f in manifest["files"].items()}
+    assert set(manifest["files"]) == {"model.qdq.onnx", "qparams.json", "report.json"}
 
 
 @requires_trt

@@ -74,6 +74,7 @@ def test_wrong_weight_axis_and_float_type_are_caught(trt_graph):
 def test_integer_ops_uint8_and_decomposed_layernorm_are_caught():
     nodes = [
         helper.make_node("ReduceMean", ["x"], ["m"], name="ln_mean"),
+        helper.make_node("Sub", ["x", "m"], ["c"], name="ln_centre"),
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_u8"),
         helper.make_node("MatMulInteger", ["q", "q"], ["y"], name="mmi"),
     ]

@@ -110,7 +110,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, equalize):
     kw = dict(cyclic=True, refresh_steps=1, equalize=equalize, refine_steps=3)
     _, _, full, full_images, _ = _search(run_dir=tmp_path / "a", **kw)
     _search(run_dir=tmp_path / "b", stop_after=7, **kw)  # "killed" after 7 layers
-    ckpt = torch.load(tmp_path / "b" / driver.CHECKPOINT, weights_only=False)
+    ckpt = driver.read_checkpoint(tmp_path / "b" / driver.CHECKPOINT)
     assert ckpt["next"] == 7
     assert bool(ckpt["qparams"].get("equalization")) == equalize
     _, _, resumed, resumed_images, log = _search(run_dir=tmp_path / "b", resume=True, **kw)

@@ -117,8 +117,12 @@ def test_config_round_trip_and_presets():
 
 
 def test_absurd_n_is_refused_with_the_limit():
-    with pytest.raises(UserError, match=r"too large for memory.*at most \d+ images"):
+    with pytest.raises(UserError, match=r"--n 10000000 is more than .*at most 10000"):
         generate(make_tiny(), PRE, SynthConfig(n=10_000_000, steps=1), progress=False)
+    wide = make_tiny(img_size=64, embed_dim=256, depth=8, num_heads=4)  # 257 tokens
+    wide_pre = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 64, 64))
+    with pytest.raises(UserError, match=r"too large for memory.*at most \d+ images"):
+        generate(wide, wide_pre, SynthConfig(n=9_000, steps=1), progress=False)
 
 
 def test_model_without_attention_output():
@@ -129,8 +133,14 @@ def test_model_without_attention_output():
 
 
 def test_divergence_names_the_step():
-    with pytest.raises(UserError, match=r"diverged: loss became nan at step 0"):
-        generate(make_tiny(), PRE, SynthConfig(n=2, steps=3, w_tv=float("nan")), progress=False)
+    # finite in Python, past float32's range in the loss: the run, not the config, goes wrong
+    with pytest.raises(UserError, match=r"diverged: loss became inf at step 0"):
+        generate(make_tiny(), PRE, SynthConfig(n=2, steps=3, w_tv=1e39), progress=False)
+
+
+def test_nan_settings_are_refused_where_they_enter():
+    with pytest.raises(UserError, match="synth w_tv must be a finite number, got nan"):
+        SynthConfig(w_tv=float("nan"))
 
 
 def test_synth_cli_writes_files_and_reuses_the_cache(tiny_weights, tmp_path):

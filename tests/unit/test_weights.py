@@ -68,9 +68,12 @@ def test_shape_mismatch_names_tensor(tmp_path):
     torch.save(make_tiny().state_dict(), path)
     model = make_tiny(mlp_ratio=2.0)
     with pytest.raises(
-        UserError, match=r"blocks.0.mlp.fc1.weight is \(128, 32\) in the file but \(64, 32\)"
+        UserError, match=r"another architecture \(file vs model: MLP width 128 vs 64\)"
     ):
         load_weights(model, path)
+    torch.save({**make_tiny().state_dict(), "head.bias": torch.zeros(7)}, path)
+    with pytest.raises(UserError, match=r"head.bias is \(7,\) in the file but \(5,\)"):
+        load_weights(make_tiny(), path)
 
 
 def test_model_args_parse():
