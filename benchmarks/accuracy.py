@@ -35,10 +35,10 @@ from common import (  # noqa: E402
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LADDER = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4", "w3a4", "mp:4.7", "mp:3.5")

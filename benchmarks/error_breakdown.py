@@ -32,9 +32,9 @@ from common import (  # noqa: E402
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.fakequant import quantizers  # noqa: E402
 from clamp_export.quant.qparams import WEIGHT_ROLE  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INPUT_GROUPS = {

@@ -25,7 +25,6 @@ from common import print_table
 
 from clamp_export import atomic
 from clamp_export.models import load_model
-from clamp_export.pipeline import versions
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import wrap_model
@@ -35,6 +34,7 @@ from clamp_export.search import preset as search_preset
 from clamp_export.search.stages import searchable_layers
 from clamp_export.synth import preset as synth_preset
 from clamp_export.synth import synthesize
+from clamp_export.versions import versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,13 +31,13 @@ from clamp_export import atomic
 from clamp_export.data.sources import noise_images
 from clamp_export.export.qdq import export_qdq
 from clamp_export.models import load_model
-from clamp_export.pipeline import versions
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.report.parity import logit_error
 from clamp_export.runtime.runners import OrtRunner
+from clamp_export.versions import versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OURS = {  # graph name -> (bits, softmax levels)

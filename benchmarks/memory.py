@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table
 
 from clamp_export import atomic
-from clamp_export.pipeline import versions
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.search import preset as search_preset
 from clamp_export.synth import preset as synth_preset
+from clamp_export.versions import versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # one candidate and one image refinement per layer: every cache and the refinement's backward

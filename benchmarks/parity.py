@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import RunConfig, run, versions  # noqa: E402
+from clamp_export.pipeline import RunConfig, run  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

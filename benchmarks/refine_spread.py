@@ -46,11 +46,11 @@ from common import (  # noqa: E402
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.fakequant import quantizers  # noqa: E402
 from clamp_export.search import preset, run_search  # noqa: E402
 from clamp_export.search.refine import refine_scales  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER_NOISE = 1e-6  # the size of float32 rounding on logits of about 4

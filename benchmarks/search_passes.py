@@ -39,12 +39,12 @@ from common import (  # noqa: E402
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.fakequant import collect_qparams  # noqa: E402
 from clamp_export.search import preset, run_search  # noqa: E402
 from clamp_export.search.driver import model_evaluator  # noqa: E402
 from clamp_export.search.stages import searchable_layers  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

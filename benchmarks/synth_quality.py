@@ -32,8 +32,8 @@ from common import (  # noqa: E402
 )
 
 from clamp_export import atomic  # noqa: E402
-from clamp_export.pipeline import versions  # noqa: E402
 from clamp_export.synth import preset  # noqa: E402
+from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LADDER = ("w8a8", "w4a8", "w4a6", "w4a4", "w3a4")

@@ -103,95 +103,101 @@ def cli() -> None:
     """
 
 
-@cli.command(DEFAULT_COMMAND)
-@click.argument("model")
-@model_options
-@click.option(
-    "--bits",
-    help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.  [default: w8a8]",
-)
-@click.option(
-    "--budget-mb",
-    type=float,
-    help="Mixed precision under a model-size budget (packed MB); with --bits only as mp:W[xA].",
-)
-@click.option("--target", default="ort", show_default=True, help="ort or trt.")
-@click.option(
-    "--calib",
-    default="clamp",
-    show_default=True,
-    help="clamp (Stage 1 + Stage 2 search), clamp-synth, psaq, noise or real.",
-)
-@click.option(
-    "--calib-data",
-    default="fmnist-train",
-    show_default=True,
-    help="For --calib real: fmnist-train or PATH.",
-)
-@click.option("--calib-size", default=32, show_default=True, type=int)
-@click.option(
-    "--synth-preset", default="default", show_default=True, help="Stage 1 preset: default or fast."
-)
-@click.option(
-    "--search-preset",
-    default="default",
-    show_default=True,
-    help="Stage 2 preset: default, fast or paper.",
-)
-@click.option(
-    "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."
-)
-@click.option(
-    "--equalize/--no-equalize",
-    default=None,
-    help="Search an equalized model: LayerNorm->linear, q/k and v/proj channel factors that "
-    "even out per-tensor ranges, exact in float, stored in qparams.json (default: the preset's).",
-)
-@click.option(
-    "--refine-steps",
-    type=click.IntRange(min=0),
-    help="Adam steps of the scale refinement after the search: every scale at once, to the float "
-    "logits on randomly shifted Stage 1 images; 0 turns it off (default: the preset's, 300 below "
-    "8-bit activations).",
-)
-@click.option(
-    "--fitness",
-    type=click.Choice(FITNESS),
-    help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
-    "paper's) or output (L_O).",
-)
-@click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out.")
-@click.option("--cache-dir", default="calib", show_default=True, help="Calibration artifact store.")
-@click.option(
-    "--range", "range_method", default="minmax", show_default=True, help="minmax or percentile."
-)
-@click.option("--percentile", default=99.99, show_default=True, type=float)
-@click.option(
-    "--softmax",
-    type=click.Choice(SOFTMAX_LEVELS),
-    default="uniform",
-    show_default=True,
-    help="Levels of the softmax output: one uniform grid, or twin-uniform (fine steps below 1/8, "
-    "coarse above, the same bit count; two int8 attn @ v matmuls). Twin gains at 4-bit "
-    "activations.",
-)
-@click.option(
-    "--qparams",
-    "qparams_file",
-    type=click.Path(dir_okay=False),
-    help="Use this qparams.json instead of calibrating.",
-)
-@click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
-@click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
-@click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
-@device_option
-def quantize(**kw) -> None:
-    """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
-    from clamp_export.pipeline import RunConfig, run, summary_table
+_RECIPE_OPTIONS = [
+    click.option(
+        "--bits",
+        help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.  [default: w8a8]",
+    ),
+    click.option(
+        "--budget-mb",
+        type=float,
+        help="Mixed precision under a model-size budget (packed MB); with --bits only as mp:W[xA].",
+    ),
+    click.option("--target", default="ort", show_default=True, help="ort or trt."),
+    click.option(
+        "--calib",
+        default="clamp",
+        show_default=True,
+        help="clamp (Stage 1 + Stage 2 search), clamp-synth, psaq, noise or real.",
+    ),
+    click.option(
+        "--calib-data",
+        default="fmnist-train",
+        show_default=True,
+        help="For --calib real: fmnist-train or PATH.",
+    ),
+    click.option("--calib-size", default=32, show_default=True, type=int),
+    click.option(
+        "--synth-preset",
+        default="default",
+        show_default=True,
+        help="Stage 1 preset: default or fast.",
+    ),
+    click.option(
+        "--search-preset",
+        default="default",
+        show_default=True,
+        help="Stage 2 preset: default, fast or paper.",
+    ),
+    click.option(
+        "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."
+    ),
+    click.option(
+        "--equalize/--no-equalize",
+        default=None,
+        help="Search an equalized model: LayerNorm->linear, q/k and v/proj channel factors that "
+        "even out per-tensor ranges, exact in float, stored in qparams.json (default: the preset's).",
+    ),
+    click.option(
+        "--refine-steps",
+        type=click.IntRange(min=0),
+        help="Adam steps of the scale refinement after the search: every scale at once, to the "
+        "float logits on randomly shifted Stage 1 images; 0 turns it off (default: the preset's, "
+        "300 below 8-bit activations).",
+    ),
+    click.option(
+        "--fitness",
+        type=click.Choice(FITNESS),
+        help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
+        "paper's) or output (L_O).",
+    ),
+    click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out."),
+    click.option(
+        "--cache-dir", default="calib", show_default=True, help="Calibration artifact store."
+    ),
+    click.option(
+        "--no-cache",
+        is_flag=True,
+        help="Search afresh: neither reuse nor store searched parameters (Stage 1 sets stay cached).",
+    ),
+    click.option(
+        "--range", "range_method", default="minmax", show_default=True, help="minmax or percentile."
+    ),
+    click.option("--percentile", default=99.99, show_default=True, type=float),
+    click.option(
+        "--softmax",
+        type=click.Choice(SOFTMAX_LEVELS),
+        default="uniform",
+        show_default=True,
+        help="Levels of the softmax output: one uniform grid, or twin-uniform (fine steps below "
+        "1/8, coarse above, the same bit count; two int8 attn @ v matmuls). Twin gains at 4-bit "
+        "activations.",
+    ),
+    click.option("--seed", default=0, show_default=True, type=int),
+]
 
-    cfg = RunConfig(
+
+def recipe_options(f):
+    """The options that decide the searched parameters, shared by the one-shot and `search`."""
+    for option in reversed(_RECIPE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _run_config(kw: dict, **extra):
+    from clamp_export.pipeline import RunConfig
+
+    return RunConfig(
         model=kw["model"],
         bits=kw["bits"],
         target=kw["target"],
@@ -210,19 +216,117 @@ def quantize(**kw) -> None:
         resume=kw["resume"],
         budget_mb=kw["budget_mb"],
         cache_dir=kw["cache_dir"],
+        no_cache=kw["no_cache"],
         range_method=kw["range_method"],
         percentile=kw["percentile"],
         softmax=kw["softmax"],
+        out=kw["out"],
+        seed=kw["seed"],
+        device=kw["device"],
+        **extra,
+    )
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@cli.command(DEFAULT_COMMAND)
+@click.argument("model")
+@model_options
+@recipe_options
+@click.option(
+    "--qparams",
+    "qparams_file",
+    type=click.Path(dir_okay=False),
+    help="Use this qparams.json instead of calibrating.",
+)
+@click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
+@click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
+@click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
+@device_option
+def quantize(**kw) -> None:
+    """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
+    from clamp_export.pipeline import run, summary_table
+
+    cfg = _run_config(
+        kw,
         qparams=kw["qparams_file"],
         eval_data=kw["eval_data"],
         eval_limit=kw["eval_limit"],
-        out=kw["out"],
-        seed=kw["seed"],
         build_engine=not kw["no_engine"],
-        device=kw["device"],
     )
-    report = run(cfg, log=lambda m: click.echo(m, err=True))
-    click.echo(summary_table(report))
+    click.echo(summary_table(run(cfg, log=_log)))
+
+
+@cli.command("search")
+@click.argument("model")
+@model_options
+@recipe_options
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@device_option
+def search_cmd(**kw) -> None:
+    """Stage 1 + 2 (or a baseline calibration): qparams.json and search.json in --out."""
+    from clamp_export.pipeline import run
+
+    run(_run_config(kw), log=_log, last_stage="search")
+    click.echo(f"{kw['out']}/qparams.json")
+
+
+@cli.command("export")
+@click.argument("model")
+@model_options
+@click.option("--qparams", "qparams_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def export_cmd(**kw) -> None:
+    """QDQ ONNX from a searched qparams.json (model.qdq.onnx in --out), linted for its target."""
+    from clamp_export.pipeline import export
+
+    click.echo(export(kw["model"], _model_kwargs(kw), kw["qparams_file"], kw["out"], log=_log))
+
+
+@cli.command("build")
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--target", default="trt", show_default=True, help="trt (engines are TensorRT's).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def build_cmd(onnx_file: str, target: str, out: str) -> None:
+    """A TensorRT engine from a QDQ graph (model.engine and model.engine.json in --out)."""
+    from clamp_export.pipeline import build
+
+    record = build(onnx_file, target, out, log=_log)
+    if "skipped" in record:
+        raise UserError(f"no engine built: {record['skipped']}")
+    click.echo(
+        f"{out}/model.engine: {record['plan_bytes']} bytes, {record['module']} {record['version']}"
+    )
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
+@click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
+def report_cmd(run_dir: str, eval_data: str | None, eval_limit: int | None) -> None:
+    """Parity of RUN_DIR's artifacts recomputed from its files (report.json)."""
+    from clamp_export.pipeline import report, summary_table
+
+    if eval_limit is not None and eval_limit < 1:
+        raise UserError("--eval-limit must be at least 1")
+    click.echo(summary_table(report(run_dir, eval_data, eval_limit, log=_log)))
+
+
+@cli.command("verify")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def verify_cmd(run_dir: str) -> None:
+    """Recompute every hash in RUN_DIR/manifest.json; exit 1 naming what differs."""
+    from clamp_export.rundir import verify
+
+    problems = verify(run_dir)
+    for line in problems:
+        click.echo(f"{run_dir}/{line}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{run_dir}: every artifact matches its manifest")
 
 
 @cli.command("synth")
@@ -264,17 +368,13 @@ def synth_cmd(**kw) -> None:
     device = compute_device(kw["device"])
     out = check_creatable_dir(kw["out"], "--out")
     cache = None if kw["no_cache"] else check_creatable_dir(kw["cache_dir"], "--cache-dir")
-
-    def log(message: str) -> None:
-        click.echo(message, err=True)
-
     loaded = load_model(kw["model"], **_model_kwargs(kw))
     for note in loaded.notes:
-        log(f"warning: {note}")
+        _log(f"warning: {note}")
     check_memory(loaded.model, loaded.preprocess, cfg.n, cfg.method != "noise" and cfg.steps > 0)
     loaded.model.to(device)
     with RunDir(out) as run_dir:
-        result, folder = synthesize(loaded, cfg, cache, log=log)
+        result, folder = synthesize(loaded, cfg, cache, log=_log)
         if folder is not None:
             copy_set(folder, run_dir.staging)
         else:

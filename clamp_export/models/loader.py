@@ -25,6 +25,8 @@ class LoadedModel:
     weights: str  # "bundled:FILE", a path, "timm-pretrained" or "random"
     weights_sha256: str | None
     notes: list[str] = field(default_factory=list)  # said once and recorded in the report
+    model_kwargs: dict = field(default_factory=dict)  # what timm.create_model was given
+    load_args: dict = field(default_factory=dict)  # load_model(**load_args) builds it again
 
 
 def parse_model_args(items: tuple[str, ...] | list[str]) -> dict:
@@ -117,4 +119,25 @@ def load_model(
             std=tuple(std) * (c // len(std)) if std else pre.std,
         )
     _check_preprocess(pre)
-    return LoadedModel(name, spec.timm_name, model.eval(), pre, source, digest, notes)
+    load_args = dict(
+        name=name,
+        weights=None if weights is None else str(weights),
+        num_classes=num_classes,
+        img_size=img_size,
+        in_chans=in_chans,
+        model_args=dict(model_args or {}),
+        mean=mean,
+        std=std,
+        random_init=random_init,
+    )
+    return LoadedModel(
+        name,
+        spec.timm_name,
+        model.eval(),
+        pre,
+        source,
+        digest,
+        notes,
+        model_kwargs={**spec.kwargs, **kwargs},
+        load_args=load_args,
+    )

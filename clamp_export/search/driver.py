@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
+from clamp_export.progress import bar as progress_bar
 from clamp_export.quant.equalize import equalization_factors, equalized
 from clamp_export.quant.fakequant import (
     _QuantWeighted,
@@ -312,7 +312,7 @@ def run_search(
     caches = _Caches(fp_model, qmodel, current if resume else images)
     half = max(1, cfg.cycles // 2)
     total = cfg.passes * len(layers)
-    bar = tqdm(total=total, initial=start, desc="search", disable=not progress, leave=False)
+    bar = progress_bar(total=total, initial=start, desc="search", disable=not progress, leave=False)
     tap = float_tap(fp_model, "model") if cfg.cyclic else None
     done = 0
     try:
@@ -355,7 +355,7 @@ def run_search(
                     }
                 )
             bar.update(1)
-            bar.set_postfix(layer=name, fitness=f"{after:.4f}")
+            bar.set_postfix(layer=name, fitness=f"{after:.4f}", refresh=False)
             if ckpt_path is not None:
                 log.seconds = prior_seconds + time.time() - t0
                 _save_checkpoint(

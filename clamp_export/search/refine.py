@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from clamp_export.errors import UserError
+from clamp_export.progress import bar as progress_bar
 from clamp_export.quant.fakequant import learnable_scales
 from clamp_export.search.config import SearchConfig
 
@@ -92,7 +92,7 @@ def refine_scales(
             opt = torch.optim.Adam(log_scales, lr=cfg.refine_lr)
             chunk = images_per_backward(qmodel)
             batch, targets = images, fp_probs
-            for _ in tqdm(
+            for _ in progress_bar(
                 range(cfg.refine_steps), desc="refine scales", disable=not progress, leave=False
             ):
                 opt.zero_grad(set_to_none=True)

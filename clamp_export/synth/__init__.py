@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from clamp_export.models.loader import LoadedModel
+from clamp_export.store import Store, recipe_key
 from clamp_export.synth.config import METHODS, PRESETS, SynthConfig, preset
 from clamp_export.synth.generator import SynthResult, generate
-from clamp_export.synth.store import DEFAULT_CACHE, cache_dir, cache_key, read_set, write_cached
+from clamp_export.synth.store import DEFAULT_CACHE, read_set, write_files
 
 __all__ = [
     "METHODS",
@@ -29,37 +30,47 @@ def synthesize(
     log=print,
     progress: bool = True,
 ) -> tuple[SynthResult, Path | None]:
-    """Images for ``loaded`` under ``cfg``, from the cache when an identical set exists.
+    """Images for ``loaded`` under ``cfg``, from the store when an identical set exists.
 
-    Returns the result and its cache folder (None when not cached); ``result.cached`` says which.
+    Returns the result and its store folder (None when not stored); ``result.cached`` says which.
     """
-    folder = cached_folder(loaded, cfg, cache_root)
-    if folder is not None and (folder / "synth.json").is_file():
-        result, _ = read_set(folder)
-        result.cached = True
-        log(f"reusing cached synthetic set {folder}")
-        return result, folder
+    key = store_key(loaded, cfg)
+    store = Store(cache_root, "synth") if cache_root is not None and key else None
+    if store is not None:
+        hit = store.load(loaded.name, key, read_set, log)
+        if hit is not None:
+            result, _ = hit
+            result.cached = True
+            log(f"reusing cached synthetic set {store.folder(loaded.name, key)}")
+            return result, store.folder(loaded.name, key)
     result = generate(loaded.model, loaded.preprocess, cfg, name=loaded.name, progress=progress)
-    if folder is not None:
-        write_cached(result, loaded.preprocess, folder, meta_of(loaded))
-        log(
-            f"generated {len(result.images)} {cfg.method} images in {result.seconds:.1f}s -> {folder}"
-        )
+    if store is None:
+        return result, None
+    folder = store.save(
+        loaded.name, key, lambda tmp: write_files(result, loaded.preprocess, tmp, meta_of(loaded))
+    )
+    log(f"generated {len(result.images)} {cfg.method} images in {result.seconds:.1f}s -> {folder}")
     return result, folder
 
 
-def cached_folder(loaded: LoadedModel, cfg: SynthConfig, cache_root: Path | None) -> Path | None:
-    """Where the set for ``loaded`` under ``cfg`` lives in ``cache_root``; None if not cacheable."""
+def store_key(loaded: LoadedModel, cfg: SynthConfig) -> str | None:
+    """The set's key in the store; None when it is not worth or not safe to store."""
     # noise needs no optimization, so there is nothing worth caching; a model without a weights
     # hash (random init) has no stable identity to key on
-    if cache_root is None or loaded.weights_sha256 is None or cfg.method == "noise":
+    if loaded.weights_sha256 is None or cfg.method == "noise":
         return None
     model_id = {
         "timm_name": loaded.timm_name,
         "weights_sha256": loaded.weights_sha256,
         "arch": repr(loaded.model.patch_embed) + str(len(loaded.model.blocks)),
     }
-    return cache_dir(Path(cache_root), loaded.name, cache_key(model_id, loaded.preprocess, cfg))
+    return recipe_key({"model": model_id, "pre": loaded.preprocess.to_dict(), "cfg": cfg.to_dict()})
+
+
+def cached_folder(loaded: LoadedModel, cfg: SynthConfig, cache_root: Path) -> Path | None:
+    """Where the set for ``loaded`` under ``cfg`` lives in the store at ``cache_root``."""
+    key = store_key(loaded, cfg)
+    return Store(cache_root, "synth").folder(loaded.name, key) if key else None
 
 
 def meta_of(loaded: LoadedModel) -> dict:

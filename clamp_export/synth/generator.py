@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from clamp_export.data.sources import noise_images
 from clamp_export.errors import UserError
 from clamp_export.models.preprocess import Preprocess
+from clamp_export.progress import bar as progress_bar
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.fakequant import QuantAttention, set_mode, wrap_model
 from clamp_export.quant.targets import get_profile
@@ -138,7 +138,9 @@ def generate(
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    bar = tqdm(range(cfg.steps), desc=f"synth {cfg.method}", disable=not progress, leave=False)
+    bar = progress_bar(
+        range(cfg.steps), desc=f"synth {cfg.method}", disable=not progress, leave=False
+    )
     try:
         for step in bar:
             logits, feats = tap(_jitter(x, cfg, gen))
@@ -177,7 +179,7 @@ def generate(
             if pos_sim is not None:
                 rec["pos_sim"] = pos_sim
             result.loss_curve.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", patch=f"{rec['patch']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", patch=f"{rec['patch']:.3f}", refresh=False)
     finally:
         tap.close()
         bar.close()

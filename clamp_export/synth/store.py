@@ -1,18 +1,15 @@
 """Synthetic sets on disk: images (safetensors), a PNG grid to look at, and ``synth.json``.
 
-The cache under ``calib/synth/`` is keyed by (model weights hash, architecture, preprocessing,
-generator config), so a second run with the same inputs reuses the set instead of regenerating.
-A set is written to a temporary folder and renamed into place: a killed run leaves nothing.
+Sets live in the calibration store (``clamp_export.store``) under ``calib/synth/``, keyed by
+(model weights hash, architecture, preprocessing, generator config).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +24,6 @@ from clamp_export.synth.generator import SynthResult
 
 DEFAULT_CACHE = Path(os.environ.get("CLAMP_EXPORT_CACHE", "calib"))
 FILES = ("images.safetensors", "grid.png", "synth.json")
-
-
-def cache_key(model_id: dict, pre: Preprocess, cfg: SynthConfig) -> str:
-    blob = json.dumps(
-        {"model": model_id, "pre": pre.to_dict(), "cfg": cfg.to_dict()}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def cache_dir(root: Path, model_name: str, key: str) -> Path:
-    return root / "synth" / model_name / key
 
 
 def grid_png(images: torch.Tensor, pre: Preprocess, path: Path, scale: int | None = None) -> None:
@@ -80,19 +66,6 @@ def write_files(result: SynthResult, pre: Preprocess, folder: Path, meta: dict) 
     grid_png(result.images, pre, folder / FILES[1])
     with atomic.atomic_path(folder / FILES[2]) as tmp:
         tmp.write_text(json.dumps(record_of(result, meta), indent=1) + "\n")
-
-
-def write_cached(result: SynthResult, pre: Preprocess, folder: Path, meta: dict) -> None:
-    """A cache entry appears whole or not at all: written in a temporary folder, then renamed."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        write_files(result, pre, tmp, meta)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_set(folder: Path) -> tuple[SynthResult, dict]:

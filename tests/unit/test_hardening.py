@@ -25,6 +25,7 @@ from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import collect_qparams, wrap_model
 from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
+from clamp_export.report import stage as report_stage
 from tests.conftest import TINY, make_tiny, requires_fmnist
 from tests.unit.test_cli_errors import assert_clean_error, assert_nothing_written, run_cli
 
@@ -443,7 +444,7 @@ def test_a_run_that_fails_after_export_leaves_the_previous_run_whole(
     def broken(*a, **k):
         raise RuntimeError("the parity backend died")
 
-    monkeypatch.setattr(pipeline, "OrtRunner", broken)
+    monkeypatch.setattr(report_stage, "OrtRunner", broken)
     with pytest.raises(RuntimeError, match="backend died"):
         pipeline.run(pipeline.RunConfig(**{**cfg.__dict__, "bits": "w4a8"}), log=lambda m: None)
     assert _files(out) == before  # same names, same bytes, no staging folder left

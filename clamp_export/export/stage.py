@@ -1,0 +1,46 @@
+"""The export stage: searched parameters in, a linted QDQ graph out (``model.qdq.onnx``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+from clamp_export.errors import UserError
+from clamp_export.export.lint import lint
+from clamp_export.export.qdq import export_qdq
+from clamp_export.models import LoadedModel
+from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.fakequant import load_qparams, wrap_model
+from clamp_export.quant.qparams import QParams
+from clamp_export.quant.targets import TargetProfile, get_profile
+
+GRAPH = "model.qdq.onnx"
+
+
+def fakequant_model(loaded: LoadedModel, qp: QParams) -> tuple[nn.Module, TargetProfile]:
+    """The fake-quant model ``qp`` describes, on the float model of ``loaded``, and its target.
+
+    A file made for another model is refused with the module names that do not match.
+    """
+    profile = get_profile(qp.target)
+    qp.validate(profile)
+    qmodel = wrap_model(loaded.model, BitsSpec.parse(qp.bits), profile)
+    load_qparams(qmodel, qp)  # bits, twin levels and windows come from the file
+    return qmodel, profile
+
+
+def export_stage(
+    qmodel: nn.Module, loaded: LoadedModel, profile: TargetProfile, path: Path, log=print
+) -> onnx.ModelProto:
+    """Export and lint: a graph that breaks the target's rules is never left behind."""
+    log(f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype})")
+    proto = export_qdq(qmodel, loaded.preprocess.input_size, profile, path)
+    violations = lint(proto, profile)
+    if violations:
+        path.unlink(missing_ok=True)
+        raise UserError(
+            f"exported graph breaks {profile.name} rules: {violations[0]} (+{len(violations) - 1} more)"
+        )
+    return proto
