@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup dataset demo test test-fast lint format bench clean
+.PHONY: setup dataset browser demo test test-fast lint format bench clean
 
 setup: $(STAMP) dataset
 
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 dataset:
 	@scripts/ensure_dataset.sh
 
+browser:
+	@scripts/ensure_browser.sh
+
 demo: setup
 	$(VENV)/bin/clamp-export fmnist_vit --bits w8a8 --target ort --eval-data fmnist --out out/demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
 
 test-fast: setup

@@ -4,7 +4,8 @@ Our graphs: W8A8, and W4A4 with uniform and with twin-uniform softmax levels (th
 Where and a second ``attn @ v`` matmul per block: what it costs is measured here, on the CPU).
 
 DeiT-S at 224 px with random weights (no hub access here; latency does not depend on the values).
-Pinned threads, warm-up, then the median of N runs per batch size. Accuracy is the cosine of
+Pinned threads, warm-up, then N interleaved rounds per batch size (every graph once a round, in
+a rotating order; speed-ups are the median of the per-round ratios: clamp_export.report.latency). Accuracy is the cosine of
 each quantized graph's logits to FP32 on the same Gaussian inputs (random weights give no top-1).
 
     .venv/bin/python benchmarks/latency_ort.py [--model deit_s] [--threads 2] [--runs 20]
@@ -15,27 +16,24 @@ Prints a table and writes benchmarks/results/latency_ort.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import statistics
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from clamp_export import atomic
 from clamp_export.data.sources import noise_images
-from clamp_export.export.qdq import export_qdq
+from clamp_export.export.qdq import export_float, export_qdq
 from clamp_export.models import load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import wrap_model
 from clamp_export.quant.targets import get_profile
+from clamp_export.report.latency import Timing, time_interleaved
 from clamp_export.report.parity import logit_error
+from clamp_export.runtime.backends import Backend
 from clamp_export.runtime.runners import OrtRunner
 from clamp_export.versions import versions
 
@@ -45,23 +43,6 @@ OURS = {  # graph name -> (bits, softmax levels)
     "ours_w4a4": ("w4a4", "uniform"),
     "ours_w4a4_twin": ("w4a4", "twin"),
 }
-
-
-def export_fp32(model: torch.nn.Module, input_size, path: Path) -> None:
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, *input_size),),
-            buf,
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-    onnx.save(onnx.load_from_string(buf.getvalue()), str(path))
 
 
 def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> None:
@@ -92,21 +73,8 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray) -> N
     )
 
 
-def time_runner(runner: OrtRunner, x: np.ndarray, runs: int, warmup: int = 5) -> dict:
-    for _ in range(warmup):
-        runner.run_batch(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        runner.run_batch(x)
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "p90_ms": times[int(0.9 * (len(times) - 1))],
-        "min_ms": times[0],
-        "runs": runs,
-    }
+def _batch_fn(runner: OrtRunner):
+    return lambda x: torch.from_numpy(runner.run_batch(x.numpy()))
 
 
 def main() -> None:
@@ -130,7 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         graphs["fp32"] = tmp / "fp32.onnx"
-        export_fp32(loaded.model, pre.input_size, graphs["fp32"])
+        export_float(loaded.model, pre.input_size, graphs["fp32"])
         profile = get_profile("ort")
         for name, (bits, softmax) in OURS.items():
             qm = wrap_model(loaded.model, BitsSpec.parse(bits), profile, softmax)
@@ -141,48 +109,58 @@ def main() -> None:
 
         runners = {k: OrtRunner(p, k, threads=args.threads) for k, p in graphs.items()}
         fp32_logits = runners["fp32"](probe)
-        results = {}
-        for name, runner in runners.items():
-            err = logit_error(runner(probe), fp32_logits)
-            results[name] = {
-                "cosine_to_fp32": err.cosine,
+        results = {
+            name: {
+                "cosine_to_fp32": logit_error(runner(probe), fp32_logits).cosine,
                 "bytes": graphs[name].stat().st_size,
                 "latency": {},
             }
-            for b in (int(v) for v in args.batches.split(",")):
-                x = noise_images(b, pre, seed=2).numpy()
-                results[name]["latency"][str(b)] = time_runner(runner, x, args.runs)
+            for name, runner in runners.items()
+        }
+        # every graph timed in one interleaved loop per batch: ratios hold on a shared machine
+        backends = {
+            name: Backend(name, _batch_fn(r), None if name == "fp32" else "fp32")
+            for name, r in runners.items()
+        }
+        timing = Timing(min_runs=args.runs, min_seconds=0)
+        for b in (int(v) for v in args.batches.split(",")):
+            x = noise_images(b, pre, seed=2)
+            for name, lat in time_interleaved(backends, b, x, timing).items():
+                results[name]["latency"][str(b)] = lat
 
     rows = []
     for name, r in results.items():
         for b, t in r["latency"].items():
-            base = results["fp32"]["latency"][b]["median_ms"]
+            up = t.get("speedup", {}).get("ratio", 1.0)
             rows.append(
                 (
                     name,
                     b,
-                    f"{t['median_ms']:.1f}",
+                    f"{t['p50_ms']:.1f}",
                     f"{t['p90_ms']:.1f}",
-                    f"{base / t['median_ms']:.2f}x",
+                    f"{up:.2f}x",
                     f"{r['cosine_to_fp32']:.5f}",
                 )
             )
-    header = ("graph", "batch", "median ms", "p90 ms", "speed-up vs fp32", "cosine to fp32")
+    header = ("graph", "batch", "p50 ms", "p90 ms", "speed-up vs fp32 (paired)", "cosine to fp32")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(
-        f"{args.model} at {pre.input_size[1]} px, ORT CPU, {args.threads} threads, median of {args.runs} runs"
+        f"{args.model} at {pre.input_size[1]} px, ORT CPU, {args.threads} threads, "
+        f"{args.runs} interleaved rounds"
     )
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
-    ours, qs = results["ours_w8a8"]["latency"], results["ort_quantize_static"]["latency"]
-    uniform, twin = results["ours_w4a4"]["latency"], results["ours_w4a4_twin"]["latency"]
+
+    def ratio(name: str, base: str, b: str) -> float:
+        return results[base]["latency"][b]["p50_ms"] / results[name]["latency"][b]["p50_ms"]
+
     summary = {
         b: {
-            "ours_vs_fp32": results["fp32"]["latency"][b]["median_ms"] / ours[b]["median_ms"],
-            "ours_vs_quantize_static": qs[b]["median_ms"] / ours[b]["median_ms"],
-            "w4a4_twin_vs_uniform": twin[b]["median_ms"] / uniform[b]["median_ms"],
+            "ours_vs_fp32": results["ours_w8a8"]["latency"][b]["speedup"]["ratio"],
+            "ours_vs_quantize_static": ratio("ours_w8a8", "ort_quantize_static", b),
+            "w4a4_twin_vs_uniform": ratio("ours_w4a4_twin", "ours_w4a4", b),
         }
-        for b in ours
+        for b in results["ours_w8a8"]["latency"]
     }
     print("summary:", json.dumps(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,15 +55,16 @@ def main() -> None:
     rows = []
     for key, r in reports.items():
         target, bits = key.split("|")
-        acc, err = r["accuracy"], r["logit_error"]["ort"]
+        b = r["backends"]
+        err = b["ort-qdq"]["logit_error"]
         rows.append(
             [
                 target,
                 bits,
-                f"{100 * acc['fp32']:.2f}",
-                f"{100 * acc['fakequant']:.2f}",
-                f"{100 * acc['ort']:.2f}",
-                f"{100 * r['agreement']['ort']:.2f}",
+                f"{100 * b['torch-fp32']['top1']:.2f}",
+                f"{100 * b['torch-fakequant']['top1']:.2f}",
+                f"{100 * b['ort-qdq']['top1']:.2f}",
+                f"{100 * b['ort-qdq']['agreement']:.2f}",
                 f"{err['mean_abs']:.4f}",
                 f"{err['cosine']:.6f}",
                 f"{r['seconds']:.0f}",

@@ -163,7 +163,11 @@ _RECIPE_OPTIONS = [
     ),
     click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out."),
     click.option(
-        "--cache-dir", default="calib", show_default=True, help="Calibration artifact store."
+        "--cache-dir",
+        default="calib",
+        show_default=True,
+        envvar="CLAMP_EXPORT_CACHE",
+        help="Calibration artifact store (also $CLAMP_EXPORT_CACHE).",
     ),
     click.option(
         "--no-cache",
@@ -185,6 +189,82 @@ _RECIPE_OPTIONS = [
     ),
     click.option("--seed", default=0, show_default=True, type=int),
 ]
+
+
+_REPORT_OPTIONS = [
+    click.option(
+        "--backends",
+        help="Comma-separated backends to report (default: every one, skipping those that cannot "
+        "run here): torch-fp32, torch-fakequant, ort-fp32, ort-qdq, ort-cuda, ort-trt, trt.",
+    ),
+    click.option(
+        "--batch",
+        "batches",
+        default="1,8,32",
+        show_default=True,
+        help="Batch sizes of the latency sweep, comma-separated.",
+    ),
+    click.option("--threads", type=click.IntRange(min=1), help="Pin torch and ORT CPU threads."),
+    click.option(
+        "--duration",
+        type=click.FloatRange(min=0),
+        default=1.0,
+        show_default=True,
+        envvar="CLAMP_EXPORT_DURATION",
+        help="Minimum seconds of timed runs per batch size, all backends together (as trtexec's "
+        "--duration; at least 20 rounds either way).",
+    ),
+    click.option("--max-top1-drop", type=float, help="Gate: top-1 points below FP32, per backend."),
+    click.option(
+        "--min-agreement", type=float, help="Gate: top-1 agreement with fake-quant, 0..1."
+    ),
+    click.option("--max-mean-logit-error", type=float, help="Gate: mean |logit - fake-quant|."),
+    click.option(
+        "--min-speedup",
+        help="Gate: quantized over its float baseline on the same runtime, R or R@BATCH (batch 8).",
+    ),
+    click.option("--junit", type=click.Path(dir_okay=False), help="Write the gates as JUnit XML."),
+]
+
+
+def report_options(f):
+    """Backends, the latency sweep and the CI gates, shared by the one-shot and `report`."""
+    for option in reversed(_REPORT_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _report_options(kw: dict):
+    from clamp_export.report.gates import Gates
+    from clamp_export.report.latency import Timing
+    from clamp_export.report.stage import ReportOptions
+    from clamp_export.runtime.backends import parse_backends, unavailable
+
+    backends, asked = parse_backends(kw["backends"])
+    try:
+        batches = tuple(int(b) for b in kw["batches"].split(","))
+    except ValueError:
+        raise UserError(f"malformed --batch {kw['batches']!r}: expected e.g. 1,8,32") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch {kw['batches']} must list batch sizes of at least 1")
+    ratio, at = Gates.parse_speedup(kw["min_speedup"])
+    gates = Gates(kw["max_top1_drop"], kw["min_agreement"], kw["max_mean_logit_error"], ratio, at)
+    if gates.min_speedup is not None and at not in batches:
+        raise UserError(
+            f"--min-speedup at batch {at}, but --batch {kw['batches']} does not time it"
+        )
+    device = kw.get("device", "cpu")
+    unavailable(backends, asked, device)  # an asked-for backend that cannot run: refused now
+    timing = Timing(min_seconds=kw["duration"])
+    return ReportOptions(backends, asked, batches, kw["threads"], device, gates, timing)
+
+
+def _exit_on_failed_gates(report: dict) -> None:
+    failed = [g for g in report["gates"] if not g["passed"]]
+    for g in failed:
+        click.echo(f"clamp-export: gate failed: {g['name']}: {g['message']}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 def recipe_options(f):
@@ -245,6 +325,7 @@ def _log(message: str) -> None:
 @click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
+@report_options
 @device_option
 def quantize(**kw) -> None:
     """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
@@ -256,8 +337,12 @@ def quantize(**kw) -> None:
         eval_data=kw["eval_data"],
         eval_limit=kw["eval_limit"],
         build_engine=not kw["no_engine"],
+        report=_report_options(kw),
+        junit=kw["junit"],
     )
-    click.echo(summary_table(run(cfg, log=_log)))
+    report = run(cfg, log=_log)
+    click.echo(summary_table(report))
+    _exit_on_failed_gates(report)
 
 
 @cli.command("search")
@@ -306,13 +391,19 @@ def build_cmd(onnx_file: str, target: str, out: str) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
-def report_cmd(run_dir: str, eval_data: str | None, eval_limit: int | None) -> None:
-    """Parity of RUN_DIR's artifacts recomputed from its files (report.json)."""
+@report_options
+def report_cmd(**kw) -> None:
+    """Every backend against fake-quant on RUN_DIR's files (report.json, report.md)."""
     from clamp_export.pipeline import report, summary_table
 
-    if eval_limit is not None and eval_limit < 1:
+    if kw["eval_limit"] is not None and kw["eval_limit"] < 1:
         raise UserError("--eval-limit must be at least 1")
-    click.echo(summary_table(report(run_dir, eval_data, eval_limit, log=_log)))
+    options = _report_options(kw)
+    result = report(
+        kw["run_dir"], kw["eval_data"], kw["eval_limit"], options, kw["junit"], log=_log
+    )
+    click.echo(summary_table(result))
+    _exit_on_failed_gates(result)
 
 
 @cli.command("verify")
@@ -342,7 +433,13 @@ def verify_cmd(run_dir: str) -> None:
 @click.option("--tau", type=float, help="InfoNCE temperature.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--cache-dir", default="calib", show_default=True)
+@click.option(
+    "--cache-dir",
+    default="calib",
+    show_default=True,
+    envvar="CLAMP_EXPORT_CACHE",
+    help="Calibration artifact store (also $CLAMP_EXPORT_CACHE).",
+)
 @click.option("--no-cache", is_flag=True)
 @device_option
 def synth_cmd(**kw) -> None:

@@ -22,18 +22,28 @@ from clamp_export.build.stage import ENGINE_RECORD, build_stage
 from clamp_export.data.sources import load_images
 from clamp_export.device import compute_device
 from clamp_export.errors import UserError
-from clamp_export.export.stage import GRAPH, export_stage, fakequant_model
+from clamp_export.export.stage import FLOAT_GRAPH, GRAPH, export_stage, fakequant_model
 from clamp_export.models import LoadedModel, load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import RANGE_METHODS
 from clamp_export.quant.fakequant import wrap_model
 from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import TargetProfile, get_profile
-from clamp_export.report.stage import REPORT, report_stage, summary_table
+from clamp_export.report import html
+from clamp_export.report.gates import GateResult, junit_xml
+from clamp_export.report.stage import (
+    REPORT,
+    REPORT_HTML,
+    REPORT_MD,
+    ReportOptions,
+    markdown,
+    report_stage,
+    summary_table,
+)
 from clamp_export.rundir import RunDir, read_manifest, require
 from clamp_export.search import preset as search_preset
-from clamp_export.search.recipe import QPARAMS, Recipe, search_stage
-from clamp_export.synth import preset
+from clamp_export.search.recipe import QPARAMS, SEARCH_JSON, Recipe, search_stage
+from clamp_export.synth import cached_folder, preset
 from clamp_export.synth.generator import check_memory
 
 CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
@@ -76,6 +86,8 @@ class RunConfig:
     seed: int = 0
     build_engine: bool = True
     device: str = "cpu"  # where Stage 1 and Stage 2 run; export and parity run on the CPU
+    report: ReportOptions = field(default_factory=ReportOptions)  # backends, batches, gates
+    junit: str | None = None  # write the gates as JUnit XML here
 
     def model_kwargs(self) -> dict:
         """The arguments of ``load_model``."""
@@ -280,7 +292,8 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
         export_stage(qmodel, loaded, plan.profile, graph, log)
         weights = loaded.weights_sha256 or "random"
         qparams_sha = atomic.sha256_file(run_dir.path(QPARAMS))
-        run_dir.record(GRAPH, {QPARAMS: qparams_sha, "weights": weights})
+        for name in (GRAPH, FLOAT_GRAPH):
+            run_dir.record(name, {QPARAMS: qparams_sha, "weights": weights})
         engine = None
         if plan.profile.name == "trt" and cfg.build_engine:
             engine = build_stage(graph, plan.profile.name, run_dir.staging, log)
@@ -290,18 +303,27 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
             qmodel,
             plan.bits,
             plan.profile,
-            graph,
+            {"qdq": graph, "float": run_dir.path(FLOAT_GRAPH)},
             eval_x=plan.eval_x,
             eval_y=plan.eval_y,
             eval_source=cfg.eval_data,
             engine=engine,
             seed=cfg.seed,
             config=asdict(cfg),
+            options=cfg.report,
             log=log,
         )
-        _write_report(run_dir, report, t_start)
+        _write_report(run_dir, report, t_start, cfg.junit, _stage1_grid(cfg, plan))
         run_dir.commit()
     return report
+
+
+def _stage1_grid(cfg: RunConfig, plan: _Plan) -> Path | None:
+    """The Stage 1 image grid in the store, for the report (none for real or given data)."""
+    if plan.recipe is None or plan.recipe.synth is None or not cfg.cache_dir:
+        return None
+    folder = cached_folder(plan.loaded, plan.recipe.synth, Path(cfg.cache_dir))
+    return folder / "grid.png" if folder is not None else None
 
 
 def _record_engine(run_dir: RunDir, graph: Path) -> None:
@@ -310,11 +332,29 @@ def _record_engine(run_dir: RunDir, graph: Path) -> None:
             run_dir.record(name, {GRAPH: atomic.sha256_file(graph)})
 
 
-def _write_report(run_dir: RunDir, report: dict, t_start: float) -> None:
+def _write_report(
+    run_dir: RunDir, report: dict, t_start: float, junit: str | None, grid: Path | None = None
+) -> None:
+    """report.json, report.md and report.html into the run; the gates as JUnit XML where asked."""
     report["seconds"] = round(time.time() - t_start, 1)
     atomic.write_json(run_dir.path(REPORT), report)
+    atomic.write_text(run_dir.path(REPORT_MD), markdown(report))
+    search = _json_if_any(run_dir.path(SEARCH_JSON)) or _json_if_any(run_dir.existing(SEARCH_JSON))
+    picture = html.read_optional(grid or run_dir.existing("grid.png"))
+    atomic.write_text(run_dir.path(REPORT_HTML), html.render(report, search, picture))
     graph = run_dir.path(GRAPH) if run_dir.path(GRAPH).exists() else run_dir.existing(GRAPH)
-    run_dir.record(REPORT, {GRAPH: atomic.sha256_file(graph)})
+    for name in (REPORT, REPORT_MD, REPORT_HTML):
+        run_dir.record(name, {GRAPH: atomic.sha256_file(graph)})
+    if junit:
+        gates = [GateResult(**g) for g in report["gates"]]
+        atomic.write_text(junit, junit_xml(gates, f"clamp-export {report['model']}"))
+
+
+def _json_if_any(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def export(model: str, model_kwargs: dict, qparams: str, out: str, log=print) -> Path:
@@ -350,14 +390,21 @@ def build(onnx_path: str, target: str, out: str, log=print) -> dict:
     return record
 
 
-def report(run_dir_path: str, eval_data: str | None, eval_limit: int | None, log=print) -> dict:
+def report(
+    run_dir_path: str,
+    eval_data: str | None,
+    eval_limit: int | None,
+    options: ReportOptions | None = None,
+    junit: str | None = None,
+    log=print,
+) -> dict:
     """``clamp-export report``: parity of a run directory's artifacts, recomputed from files."""
     t_start = time.time()
     run_path = Path(run_dir_path)
     if not run_path.is_dir():
         raise UserError(f"run directory {run_path} not found")
     manifest = read_manifest(run_path)
-    require(run_path, QPARAMS, GRAPH)
+    require(run_path, QPARAMS, GRAPH, FLOAT_GRAPH)
     described = manifest.get("model")
     if not isinstance(described, dict) or "name" not in described:
         raise UserError(f"{run_path}/manifest.json does not say which model made the run")
@@ -384,15 +431,16 @@ def report(run_dir_path: str, eval_data: str | None, eval_limit: int | None, log
             qmodel,
             BitsSpec.parse(qp.bits),
             profile,
-            run_path / GRAPH,
+            {"qdq": run_path / GRAPH, "float": run_path / FLOAT_GRAPH},
             eval_x=eval_x,
             eval_y=eval_y,
             eval_source=eval_data,
             engine=engine,
             seed=int(manifest.get("seed", 0)),
             config={"run_dir": str(run_path), "eval_data": eval_data, "eval_limit": eval_limit},
+            options=options or ReportOptions(),
             log=log,
         )
-        _write_report(run_dir, result, t_start)
+        _write_report(run_dir, result, t_start, junit)
         run_dir.commit()
     return result

@@ -39,9 +39,12 @@ ARTIFACTS = {
     "search.json": "search",
     CHECKPOINT: "search",
     "model.qdq.onnx": "export",
+    "model.fp32.onnx": "export",
     "model.engine": "build",
     "model.engine.json": "build",
     "report.json": "report",
+    "report.md": "report",
+    "report.html": "report",
 }
 
 
@@ -180,7 +183,11 @@ def require(run_dir: Path | str, *names: str) -> None:
     """Refuse a run directory that lacks any of ``names``, naming the first missing file."""
     for name in names:
         if not (Path(run_dir) / name).is_file():
-            raise UserError(f"{run_dir} has no {name}; run the stage that writes it first")
+            stage = ARTIFACTS.get(name, "the pipeline")
+            raise UserError(
+                f"{run_dir} has no {name} (older or partial run directory); run "
+                f"`clamp-export {stage}` into it, or the whole pipeline, first"
+            )
 
 
 def verify(run_dir: Path | str) -> list[str]:

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from clamp_export.models import registry
+
+# CLI runs in the tests keep their store in a folder of their own, never the checkout's calib/
+os.environ["CLAMP_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="clamp-export-test-store-")
+# the latency sweep's minimum duration per batch: its run count alone is enough for a test
+os.environ["CLAMP_EXPORT_DURATION"] = "0"
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 

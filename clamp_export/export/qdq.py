@@ -50,3 +50,25 @@ def export_qdq(
     with atomic.atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return proto
+
+
+def export_float(model: nn.Module, input_size: tuple[int, int, int], path: Path | str) -> None:
+    """The float model as an FP32 graph (LayerNorm one node): the latency baseline on ORT."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, *input_size),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "clamp-export"
+    with atomic.atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))

@@ -9,14 +9,14 @@ from torch import nn
 
 from clamp_export.errors import UserError
 from clamp_export.export.lint import lint
-from clamp_export.export.qdq import export_qdq
+from clamp_export.export.qdq import export_float, export_qdq
 from clamp_export.models import LoadedModel
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.fakequant import load_qparams, wrap_model
 from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import TargetProfile, get_profile
 
-GRAPH = "model.qdq.onnx"
+GRAPH, FLOAT_GRAPH = "model.qdq.onnx", "model.fp32.onnx"
 
 
 def fakequant_model(loaded: LoadedModel, qp: QParams) -> tuple[nn.Module, TargetProfile]:
@@ -34,8 +34,12 @@ def fakequant_model(loaded: LoadedModel, qp: QParams) -> tuple[nn.Module, Target
 def export_stage(
     qmodel: nn.Module, loaded: LoadedModel, profile: TargetProfile, path: Path, log=print
 ) -> onnx.ModelProto:
-    """Export and lint: a graph that breaks the target's rules is never left behind."""
-    log(f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype})")
+    """Export and lint: a graph that breaks the target's rules is never left behind.
+
+    The float model's FP32 graph goes beside it (``model.fp32.onnx``): the latency baseline.
+    """
+    log(f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype}) and {FLOAT_GRAPH}")
+    export_float(loaded.model, loaded.preprocess.input_size, path.parent / FLOAT_GRAPH)
     proto = export_qdq(qmodel, loaded.preprocess.input_size, profile, path)
     violations = lint(proto, profile)
     if violations:

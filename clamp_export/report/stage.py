@@ -1,11 +1,15 @@
-"""The report stage: parity of the deployed graph against the fake-quant model (DESIGN §8).
+"""The report stage: every backend against the fake-quant model, accuracy and latency (DESIGN §8).
 
-Inputs are files of a run directory (``qparams.json``, ``model.qdq.onnx``, the engine record) and
-the evaluation images; the output is ``report.json`` and the terminal summary.
+Inputs are files of a run directory (``qparams.json``, the QDQ and FP32 graphs, the engine record)
+and the evaluation images; outputs are ``report.json`` (schema-versioned), ``report.md`` (the
+tables, for CI job summaries) and the terminal summary, which prints the same tables.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,13 +20,44 @@ from clamp_export.models import LoadedModel
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.fakequant import quantizers
 from clamp_export.quant.targets import TargetProfile
+from clamp_export.report.blocks import per_block
+from clamp_export.report.gates import Gates, evaluate
+from clamp_export.report.latency import Timing, time_interleaved
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
-from clamp_export.runtime.runners import OrtRunner, TorchRunner
+from clamp_export.runtime.backends import DEFAULT_BACKENDS, Artifacts, open_backends
 from clamp_export.search.mixed import summarize
 from clamp_export.versions import versions
 
-REPORT = "report.json"
+REPORT, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
+REPORT_SCHEMA = 2
 PARITY_NOISE_IMAGES = 64
+REFERENCE = "torch-fakequant"  # what every deployed backend is compared with
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    asked: bool = False  # the backends were named: one that cannot run is an error, not a skip
+    batches: tuple[int, ...] = (1, 8, 32)
+    threads: int | None = None
+    device: str = "cpu"
+    gates: Gates = field(default_factory=Gates)
+    timing: Timing = field(default_factory=Timing)
+
+
+def machine(threads: int | None) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def report_stage(
@@ -30,7 +65,7 @@ def report_stage(
     qmodel: nn.Module,
     bits: BitsSpec,
     profile: TargetProfile,
-    onnx_path: Path,
+    graphs: dict[str, Path],
     *,
     eval_x: torch.Tensor | None,
     eval_y: torch.Tensor | None,
@@ -38,34 +73,64 @@ def report_stage(
     engine: dict | None,
     seed: int,
     config: dict,
+    options: ReportOptions = ReportOptions(),
     log=print,
 ) -> dict:
-    """The report of one run directory's artifacts; ``onnx_path`` names the deployed graph."""
+    """The report of one run directory; ``graphs`` holds its "qdq" and "float" ONNX files."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
     x = (
         eval_x
         if eval_x is not None
         else noise_images(PARITY_NOISE_IMAGES, loaded.preprocess, seed + 1)
     )
-    log(f"parity on {len(x)} {'eval' if eval_x is not None else 'noise'} images")
-    fp32 = TorchRunner(loaded.model, "fp32")(x)
-    fq = TorchRunner(qmodel, "fakequant")(x)
-    ort_logits = OrtRunner(onnx_path)(x)
+    artifacts = Artifacts(
+        loaded.model, qmodel, graphs["float"], graphs["qdq"], options.device, options.threads
+    )
+    ready, skipped = open_backends((REFERENCE, *options.backends), options.asked, artifacts)
+    for name, why in skipped.items():
+        log(f"skipping backend {name}: {why}")
+    log(
+        f"parity of {', '.join(ready)} on {len(x)} {'eval' if eval_x is not None else 'noise'} images"
+    )
+    logits = {name: backend(x) for name, backend in ready.items()}
+    ref = logits[REFERENCE]
+    backends = {}
+    for name, out in logits.items():
+        backends[name] = {
+            "top1": None if eval_y is None else top1_accuracy(out, eval_y),
+            "agreement": top1_agreement(out, ref),
+            "logit_error": logit_error(out, ref).to_dict(),
+            "error_histogram": None if name == REFERENCE else error_histogram(out, ref),
+        }
+    latency = {}
+    for b in options.batches:
+        log(f"timing {len(ready)} backends interleaved at batch {b}")
+        xb = noise_images(b, loaded.preprocess, seed + 2)
+        latency[str(b)] = time_interleaved(ready, b, xb, options.timing)
     report = {
+        "schema": REPORT_SCHEMA,
         "model": loaded.name,
         "bits": str(bits),
         "target": profile.name,
-        "parity_inputs": {"source": eval_source or "noise", "count": len(x)},
-        "accuracy": None,
-        "agreement": {
-            "ort": top1_agreement(ort_logits, fq),
-            "fakequant_vs_fp32": top1_agreement(fq, fp32),
+        "parity_inputs": {
+            "source": eval_source or "noise",
+            "count": len(x),
+            "labelled": eval_y is not None,
         },
-        "logit_error": {"ort": logit_error(ort_logits, fq).to_dict()},
-        "artifacts": {
-            "onnx": onnx_path.name,
-            "onnx_bytes": onnx_path.stat().st_size,
-            "engine": engine,
+        "reference": REFERENCE,
+        "backends": backends,
+        "skipped": skipped,
+        "latency": latency,
+        "latency_setup": {**machine(options.threads), "timing": options.timing.__dict__},
+        "sizes": {
+            "fp32_onnx_bytes": graphs["float"].stat().st_size,
+            "qdq_onnx_bytes": graphs["qdq"].stat().st_size,
+            "engine_bytes": (engine or {}).get("plan_bytes"),
         },
+        "artifacts": {"engine": engine},
+        "per_block": per_block(loaded.model, qmodel, graphs["qdq"], x),
+        "confusion": _confusion(logits, eval_y, eval_source),
         "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
         "notes": [
             *loaded.notes,
@@ -75,12 +140,7 @@ def report_stage(
         "versions": versions(),
         "seconds": None,
     }
-    if eval_y is not None:
-        report["accuracy"] = {
-            "fp32": top1_accuracy(fp32, eval_y),
-            "fakequant": top1_accuracy(fq, eval_y),
-            "ort": top1_accuracy(ort_logits, eval_y),
-        }
+    report["gates"] = [g.__dict__ for g in evaluate(options.gates, report)]
     return report
 
 
@@ -128,37 +188,105 @@ def _notes(bits: BitsSpec, target: str, twin: bool = False) -> list[str]:
     return notes
 
 
+def error_histogram(out: torch.Tensor, ref: torch.Tensor, bins: int = 40) -> dict:
+    """Counts of |out - ref| over log-spaced bins (errors below 1e-6 in the first)."""
+    diff = (out - ref).abs().flatten().double().clamp_min(1e-6)
+    hi = max(float(diff.max()) * 1.0001, 2e-6)
+    edges = torch.logspace(-6, torch.log10(torch.tensor(hi)).item(), bins + 1, dtype=torch.float64)
+    counts = torch.histogram(diff, bins=edges).hist
+    return {"edges": edges.tolist(), "counts": [int(c) for c in counts]}
+
+
+def _confusion(logits: dict, labels: torch.Tensor | None, source: str | None) -> dict | None:
+    """The deployed graph's confusion matrix, for labelled data of at most 50 classes."""
+    name = "ort-qdq" if "ort-qdq" in logits else REFERENCE
+    if labels is None:
+        return None
+    n = int(logits[name].shape[1])
+    if n > 50:
+        return None
+    from clamp_export.data.fashion_mnist import CLASSES
+
+    pred = logits[name].argmax(1)
+    matrix = torch.bincount(labels * n + pred, minlength=n * n).reshape(n, n)
+    fmnist = source is not None and source.startswith("fmnist") and n == len(CLASSES)
+    classes = list(CLASSES) if fmnist else [str(i) for i in range(n)]
+    return {"backend": name, "classes": classes, "matrix": matrix.tolist()}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
+    """(title, rows with a header first) for the terminal and report.md alike."""
+    acc = [("backend", "top-1", "drop vs FP32", "agree vs FQ", "max|Δ|", "mean|Δ|", "cosine")]
+    fp32 = report["backends"].get("torch-fp32", {}).get("top1")
+    for name, b in report["backends"].items():
+        e = b["logit_error"]
+        ref = name == report["reference"]
+        drop = "-" if b["top1"] is None or fp32 is None else f"{100 * (fp32 - b['top1']):+.2f}"
+        acc.append(
+            (
+                name,
+                _pct(b["top1"]),
+                drop,
+                "ref" if ref else _pct(b["agreement"]),
+                "" if ref else f"{e['max_abs']:.3g}",
+                "" if ref else f"{e['mean_abs']:.3g}",
+                "" if ref else f"{e['cosine']:.6f}",
+            )
+        )
+    lat = [("batch", "backend", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up")]
+    for batch, per in report["latency"].items():
+        for name, t in per.items():
+            up = t.get("speedup")
+            lat.append(
+                (
+                    batch,
+                    name,
+                    f"{t['p50_ms']:.2f}",
+                    f"{t['p90_ms']:.2f}",
+                    f"{t['p99_ms']:.2f}",
+                    f"{t['images_per_s']:.0f}",
+                    f"{up['ratio']:.2f}x vs {up['over']}" if up else "",
+                )
+            )
+    out = [("accuracy and parity", acc)]
+    if len(lat) > 1:
+        setup = report["latency_setup"]
+        out.append((f"latency ({setup['cpu']}, {setup['threads']} threads, interleaved)", lat))
+    if report["gates"]:
+        gates = [("gate", "result", "measured")]
+        gates += [
+            (g["name"], "pass" if g["passed"] else "FAIL", g["message"]) for g in report["gates"]
+        ]
+        out.append(("gates", gates))
+    return out
+
+
+def _head(report: dict) -> str:
+    p = report["parity_inputs"]
+    return f"{report['model']} {report['bits']} → {report['target']} ({p['count']} {p['source']} images)"
+
+
 def summary_table(report: dict) -> str:
-    rows = [("backend", "top-1", "agree vs FQ", "max|Δ|", "mean|Δ|", "cosine")]
-    acc = report.get("accuracy") or {}
-    err = report["logit_error"]["ort"]
+    lines = [_head(report)]
+    for title, rows in tables(report):
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        fmt = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines += ["", title, fmt[0], "  ".join("-" * w for w in widths), *fmt[1:]]
+    lines += [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    return "\n".join([*lines, *(f"note: {n}" for n in report["notes"])])
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
 
-    rows.append(
-        (
-            "torch fp32",
-            pct(acc.get("fp32")),
-            pct(report["agreement"]["fakequant_vs_fp32"]),
-            "",
-            "",
-            "",
-        )
-    )
-    rows.append(("torch fake-quant", pct(acc.get("fakequant")), "ref", "", "", ""))
-    rows.append(
-        (
-            "onnxruntime",
-            pct(acc.get("ort")),
-            pct(report["agreement"]["ort"]),
-            f"{err['max_abs']:.3g}",
-            f"{err['mean_abs']:.3g}",
-            f"{err['cosine']:.6f}",
-        )
-    )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    head = f"{report['model']} {report['bits']} → {report['target']} ({report['parity_inputs']['count']} {report['parity_inputs']['source']} images)"
-    return "\n".join([head, *lines, *(f"note: {n}" for n in report["notes"])])
+def markdown(report: dict) -> str:
+    """report.md: the same tables as GitHub-flavoured Markdown (a CI job summary renders it)."""
+    lines = [f"## {_head(report)}"]
+    for title, rows in tables(report):
+        cells = [[c.replace("|", "\\|") for c in r] for r in rows]
+        lines += ["", f"**{title}**", "", "| " + " | ".join(cells[0]) + " |"]
+        lines += ["|" + "---|" * len(cells[0]), *("| " + " | ".join(r) + " |" for r in cells[1:])]
+    lines += ["", *(f"- skipped `{name}`: {why}" for name, why in report["skipped"].items())]
+    lines += [*(f"- {n}" for n in report["notes"])]
+    return "\n".join(lines) + "\n"

@@ -31,29 +31,45 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
         "--no-engine",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "onnxruntime" in proc.stdout and "torch fake-quant" in proc.stdout
+    assert "ort-qdq" in proc.stdout and "torch-fakequant" in proc.stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["parity_inputs"] == {"source": "fmnist", "count": 1000}
-    acc = report["accuracy"]
-    assert acc["fp32"] >= 0.88  # first 1000 test images
-    assert acc["fakequant"] >= acc["fp32"] - 0.02
-    assert report["agreement"]["ort"] >= 0.99
-    err = report["logit_error"]["ort"]
+    assert report["parity_inputs"] == {"source": "fmnist", "count": 1000, "labelled": True}
+    backends = report["backends"]
+    assert backends["torch-fp32"]["top1"] >= 0.88  # first 1000 test images
+    assert backends["torch-fakequant"]["top1"] >= backends["torch-fp32"]["top1"] - 0.02
+    assert backends["ort-fp32"]["top1"] == pytest.approx(backends["torch-fp32"]["top1"], abs=0.002)
+    assert backends["ort-qdq"]["agreement"] >= 0.99
+    assert set(report["skipped"]) == {"ort-cuda", "ort-trt", "trt"}
+    for batch in ("1", "8", "32"):
+        assert report["latency"][batch]["ort-qdq"]["speedup"]["over"] == "ort-fp32"
+        assert report["latency"][batch]["ort-qdq"]["p50_ms"] > 0
+    assert "| ort-qdq |" in (out / "report.md").read_text()
+    err = backends["ort-qdq"]["logit_error"]
     assert err["cosine"] > 0.999 and err["mean_abs"] < 0.05
     assert report["config"]["bits"] == bits and report["versions"]["onnxruntime"]
     qp = json.loads((out / "qparams.json").read_text())
     assert qp["target"] == target and qp["metadata"]["weights"] == "bundled:fmnist_vit.safetensors"
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
+        "model.fp32.onnx",
         "model.qdq.onnx",
         "qparams.json",
+        "report.html",
         "report.json",
+        "report.md",
     ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert {
         name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in manifest["files"]
     } == {name: f["sha256"] for name, f in manifest["files"].items()}
-    assert set(manifest["files"]) == {"model.qdq.onnx", "qparams.json", "report.json"}
+    assert set(manifest["files"]) == {
+        "model.fp32.onnx",
+        "model.qdq.onnx",
+        "qparams.json",
+        "report.html",
+        "report.json",
+        "report.md",
+    }
 
 
 @requires_trt
@@ -115,7 +131,7 @@ def test_full_clamp_pipeline_and_resume(tmp_path):
     )
     search = json.loads((out / "search.json").read_text())
     assert len(search["layers"]) == 32 and search["passes"][0]["fitness"] > 0
-    assert report["agreement"]["ort"] >= 0.99
+    assert report["backends"]["ort-qdq"]["agreement"] >= 0.99
     again = run_cli(*common, "--resume")
     assert again.returncode == 0, again.stderr
     assert "reusing cached synthetic set" in again.stderr

@@ -76,7 +76,7 @@ def test_cli_searches_on_cuda(tiny_weights, tmp_path, bits):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["agreement"]["ort"] >= 0.995
+    assert report["backends"]["ort-qdq"]["agreement"] >= 0.995
     assert json.loads((out / "search.json").read_text())["passes"][0]["fitness"] > 0
 
 

@@ -25,7 +25,7 @@ from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import collect_qparams, wrap_model
 from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import get_profile
-from clamp_export.report import stage as report_stage
+from clamp_export.runtime import backends
 from tests.conftest import TINY, make_tiny, requires_fmnist
 from tests.unit.test_cli_errors import assert_clean_error, assert_nothing_written, run_cli
 
@@ -100,7 +100,7 @@ def test_mixed_precision_without_a_search_exports_lints_and_agrees(tiny_weights,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["agreement"]["ort"] >= 0.995
+    assert report["backends"]["ort-qdq"]["agreement"] >= 0.995
     mixed = report["mixed_precision"]
     assert mixed["avg_weight_bits"] <= (4.7 if flags[0] == "--bits" else 8) + 1e-9
     assert min(mixed["weight_bits"].values()) < 8
@@ -392,7 +392,7 @@ def test_pooled_head_without_class_token_is_supported(tmp_path):
     out = tmp_path / "o"
     proc = run_cli(*args, "--target", "trt", *NOISE, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "report.json").read_text())["agreement"]["ort"] >= 0.99
+    assert json.loads((out / "report.json").read_text())["backends"]["ort-qdq"]["agreement"] >= 0.99
     assert lint(onnx.load(str(out / "model.qdq.onnx")), get_profile("trt")) == []
     proc = run_cli(
         *args[:-4], "--model-arg", "global_pool='map'", *NOISE, "--out", str(tmp_path / "m")
@@ -444,7 +444,7 @@ def test_a_run_that_fails_after_export_leaves_the_previous_run_whole(
     def broken(*a, **k):
         raise RuntimeError("the parity backend died")
 
-    monkeypatch.setattr(report_stage, "OrtRunner", broken)
+    monkeypatch.setattr(backends, "OrtRunner", broken)
     with pytest.raises(RuntimeError, match="backend died"):
         pipeline.run(pipeline.RunConfig(**{**cfg.__dict__, "bits": "w4a8"}), log=lambda m: None)
     assert _files(out) == before  # same names, same bytes, no staging folder left
