@@ -162,7 +162,7 @@ def _calibration_images(cfg: RunConfig, loaded: LoadedModel) -> torch.Tensor | N
 def _eval_images(source: str | None, limit: int | None, loaded: LoadedModel):
     if not source:
         return None, None
-    x, y = load_images(source, loaded.preprocess, limit=limit)
+    x, y = load_images(source, loaded.preprocess, limit=limit, resize=False)
     if y is not None and int(y.max()) >= loaded.model.num_classes:
         raise UserError(
             f"labels of {source} go up to {int(y.max())} but {loaded.name} has "

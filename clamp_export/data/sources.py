@@ -85,9 +85,19 @@ def _check_set(source: str, images: torch.Tensor, labels: torch.Tensor | None) -
 
 
 def load_images(
-    source: str, pre: Preprocess, limit: int | None = None, seed: int = 0, shuffle: bool = False
+    source: str,
+    pre: Preprocess,
+    limit: int | None = None,
+    seed: int = 0,
+    shuffle: bool = False,
+    resize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(normalized images, labels or None). ``shuffle`` draws a seeded random subset of ``limit``."""
+    """(normalized images, labels or None). ``shuffle`` draws a seeded random subset of ``limit``.
+
+    ``resize=False`` (evaluation) refuses IDX and tensor data of another size or channel count
+    than the model takes: accuracy on silently resampled images would not be the model's.
+    Image folders are always resized on load, as timm's preprocessing does.
+    """
     if source in FMNIST_NAMES or (
         Path(source).is_dir() and any(Path(source).glob("*-idx3-ubyte*"))
     ):
@@ -108,6 +118,12 @@ def load_images(
         else:
             images, labels_t = _load_tensor_file(path)
     _check_set(source, images, labels_t)
+    if not resize and tuple(images.shape[1:]) != tuple(pre.input_size):
+        have, want = "x".join(map(str, images.shape[1:])), "x".join(map(str, pre.input_size))
+        raise UserError(
+            f"images from {source} are {have} (CxHxW) but the model takes {want}; resize them, "
+            "or pass an image class-folder (resized on load)"
+        )
     if limit is not None and limit < len(images):
         idx = (
             torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]

@@ -127,6 +127,7 @@ def report_stage(
             "fp32_onnx_bytes": graphs["float"].stat().st_size,
             "qdq_onnx_bytes": graphs["qdq"].stat().st_size,
             "engine_bytes": (engine or {}).get("plan_bytes"),
+            "packed_mb": summarize(qmodel, profile).packed_mb if bits.mixed else None,
         },
         "artifacts": {"engine": engine},
         "per_block": per_block(loaded.model, qmodel, graphs["qdq"], x),
@@ -220,7 +221,9 @@ def _pct(v: float | None) -> str:
 
 def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
     """(title, rows with a header first) for the terminal and report.md alike."""
-    acc = [("backend", "top-1", "drop vs FP32", "agree vs FQ", "max|Δ|", "mean|Δ|", "cosine")]
+    acc = [
+        ("backend", "top-1", "drop vs FP32", "agree vs FQ", "max|Δ|", "mean|Δ|", "p99|Δ|", "cosine")
+    ]
     fp32 = report["backends"].get("torch-fp32", {}).get("top1")
     for name, b in report["backends"].items():
         e = b["logit_error"]
@@ -234,6 +237,7 @@ def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
                 "ref" if ref else _pct(b["agreement"]),
                 "" if ref else f"{e['max_abs']:.3g}",
                 "" if ref else f"{e['mean_abs']:.3g}",
+                "" if ref else f"{e['p99_abs']:.3g}",
                 "" if ref else f"{e['cosine']:.6f}",
             )
         )

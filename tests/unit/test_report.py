@@ -171,3 +171,32 @@ def test_a_failed_gate_exits_1_naming_it_and_writes_junit(tmp_path):
     assert int(suite.get("failures")) == len(failed) and int(suite.get("tests")) == len(failed) + 1
     md = (out / "report.md").read_text()
     assert "| max-top1-drop[ort-qdq] | FAIL |" in md and "| min-agreement[ort-qdq] | pass |" in md
+
+
+def test_logit_error_is_polygraphys_with_the_reference_second():
+    from clamp_export.report.parity import logit_error
+
+    ref = torch.linspace(-4, 4, 1000).reshape(100, 10)
+    out = ref + torch.full_like(ref, 0.05)
+    e = logit_error(out, ref, atol=0.01, rtol=0.01)
+    assert e.max_abs == pytest.approx(0.05, abs=1e-6) and e.mean_abs == pytest.approx(
+        0.05, abs=1e-6
+    )
+    assert e.p99_abs == pytest.approx(0.05, abs=1e-6) and e.cosine > 0.999
+    assert not e.within_tol  # 0.05 is beyond both tolerances at most elements
+    assert logit_error(out, ref, atol=0.06, rtol=0.0).within_tol
+
+
+def test_eval_images_of_another_shape_are_refused(tiny_weights, tmp_path):
+    _, args = tiny_weights
+    from safetensors.torch import save_file
+
+    data = tmp_path / "d.safetensors"
+    save_file(
+        {"images": torch.rand(4, 1, 28, 28), "labels": torch.zeros(4, dtype=torch.int64)}, str(data)
+    )
+    proc = run_cli(
+        *args, "--calib", "noise", "--eval-data", str(data), "--out", str(tmp_path / "o")
+    )
+    assert_clean_error(proc, "are 1x28x28 (CxHxW) but the model takes 3x16x16")
+    assert not (tmp_path / "o").exists()
