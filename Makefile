@@ -23,9 +23,10 @@ browser:
 
 demo: setup
 	$(VENV)/bin/clamp-export fmnist_vit --bits w8a8 --target ort --eval-data fmnist --out out/demo
+	@echo "open out/demo/report.html (report.md, report.json and manifest.json beside it)"
 
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not e2e"
