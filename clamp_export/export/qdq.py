@@ -23,22 +23,17 @@ from clamp_export.quant.targets import TargetProfile
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def export_qdq(
-    qmodel: nn.Module, input_size: tuple[int, int, int], profile: TargetProfile, path: Path | str
-) -> onnx.ModelProto:
-    """Write ``qmodel`` as a QDQ graph in the profile's float type; return the checked model."""
-    dtype = torch.float16 if profile.float_dtype == "float16" else torch.float32
-    model = copy.deepcopy(qmodel).to(dtype) if dtype != torch.float32 else qmodel
-    dummy = torch.zeros(2, *input_size, dtype=dtype)
+def _trace(model: nn.Module, dummy: torch.Tensor, opset: int, path: Path | str) -> onnx.ModelProto:
+    """TorchScript-export ``model`` with a dynamic batch, check it, and write it atomically."""
     buf = io.BytesIO()
-    with exporting(model, dtype), torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (dummy,),
             buf,
             dynamo=False,
-            opset_version=profile.opset,
+            opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
@@ -52,23 +47,16 @@ def export_qdq(
     return proto
 
 
+def export_qdq(
+    qmodel: nn.Module, input_size: tuple[int, int, int], profile: TargetProfile, path: Path | str
+) -> onnx.ModelProto:
+    """Write ``qmodel`` as a QDQ graph in the profile's float type; return the checked model."""
+    dtype = torch.float16 if profile.float_dtype == "float16" else torch.float32
+    model = copy.deepcopy(qmodel).to(dtype) if dtype != torch.float32 else qmodel
+    with exporting(model, dtype):
+        return _trace(model, torch.zeros(2, *input_size, dtype=dtype), profile.opset, path)
+
+
 def export_float(model: nn.Module, input_size: tuple[int, int, int], path: Path | str) -> None:
     """The float model as an FP32 graph (LayerNorm one node): the latency baseline on ORT."""
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(2, *input_size),),
-            buf,
-            dynamo=False,
-            opset_version=17,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    proto.producer_name = "clamp-export"
-    with atomic.atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
+    _trace(model, torch.zeros(2, *input_size), 17, path)
