@@ -253,7 +253,9 @@ def _report_options(kw: dict):
         raise UserError(
             f"--min-speedup at batch {at}, but --batch {kw['batches']} does not time it"
         )
-    device = kw.get("device", "cpu")
+    from clamp_export.device import compute_device
+
+    device = str(compute_device(kw.get("device", "cpu")))  # an unusable device: refused now
     unavailable(backends, asked, device)  # an asked-for backend that cannot run: refused now
     timing = Timing(min_seconds=kw["duration"])
     return ReportOptions(backends, asked, batches, kw["threads"], device, gates, timing)
@@ -392,6 +394,9 @@ def build_cmd(onnx_file: str, target: str, out: str) -> None:
 @click.option("--eval-data", help="fmnist, an IDX folder, an image class-folder or a tensor file.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
 @report_options
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where the torch backends run: cpu or cuda."
+)
 def report_cmd(**kw) -> None:
     """Every backend against fake-quant on RUN_DIR's files (report.json, report.md)."""
     from clamp_export.pipeline import report, summary_table

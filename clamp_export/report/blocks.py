@@ -21,10 +21,13 @@ PROBE_IMAGES = 64
 
 @torch.no_grad()
 def torch_block_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's output, on the CPU, wherever the model runs (``--device cuda``)."""
     outs: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o.float())) for b in model.blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, a, o: outs.append(o.float().cpu())) for b in model.blocks
+    ]
     try:
-        model(x)
+        model(x.to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
