@@ -261,6 +261,25 @@ def _set(d: dict, module: str, role: str, **values) -> dict:
 
 
 @pytest.mark.parametrize("scale", [1e-45, 1e6])
+def test_fp16_graph_refuses_scales_it_cannot_hold_through_the_cli(tiny_weights, tmp_path, scale):
+    _, args = tiny_weights
+    d = _tiny_qparams(tmp_path / "q.json", target="trt")
+    d["modules"]["blocks.1.mlp.fc2"]["input"]["scale"] = [scale]
+    (tmp_path / "q.json").write_text(json.dumps(d))
+    proc = run_cli(
+        *args,
+        "--target",
+        "trt",
+        "--qparams",
+        str(tmp_path / "q.json"),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_error(proc, "violate target 'trt'", "does not fit the float16 graph")
+    assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("scale", [1e-45, 1e6])
 def test_fp16_graph_refuses_scales_it_cannot_hold(tmp_path, scale):
     for target in ("trt", "ort"):
         d = _tiny_qparams(tmp_path / "q.json", target=target)
