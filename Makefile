@@ -22,8 +22,8 @@ browser:
 	@scripts/ensure_browser.sh
 
 demo: setup
-	$(VENV)/bin/clamp-export fmnist_vit --bits w8a8 --target ort --eval-data fmnist --out out/demo
-	@echo "open out/demo/report.html (report.md, report.json and manifest.json beside it)"
+	$(VENV)/bin/clamp-export run pipelines/fmnist_vit-w8a8-ort.yaml
+	@echo "report: $(CURDIR)/out/fmnist_vit-w8a8-ort/report.html (report.md, report.json, manifest.json beside it)"
 
 test: setup browser
 	$(PY) -m pytest -q --durations=15 tests

@@ -6,6 +6,7 @@ Every ``UserError`` (and click's own usage errors) becomes one line on stderr an
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -333,6 +334,15 @@ def quantize(**kw) -> None:
     """Quantize MODEL, export QDQ ONNX (and a TensorRT engine) and check parity."""
     from clamp_export.pipeline import run, summary_table
 
+    report = run(_quantize_config(kw), log=_log)
+    click.echo(summary_table(report))
+    _exit_on_failed_gates(report)
+
+
+def _quantize_config(kw: dict, **extra):
+    """The one-shot command's RunConfig, every cheap check done (``run`` checks all first)."""
+    from clamp_export.pipeline import check
+
     cfg = _run_config(
         kw,
         qparams=kw["qparams_file"],
@@ -341,10 +351,89 @@ def quantize(**kw) -> None:
         build_engine=not kw["no_engine"],
         report=_report_options(kw),
         junit=kw["junit"],
+        **extra,
     )
-    report = run(cfg, log=_log)
-    click.echo(summary_table(report))
-    _exit_on_failed_gates(report)
+    check(cfg)
+    return cfg
+
+
+@cli.command("run")
+@click.argument("pipelines", nargs=-1, type=click.Path())
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key of every pipeline, e.g. --set calibration.seed=1 (a YAML value).",
+)
+@click.option(
+    "--out", "out_root", type=click.Path(file_okay=False), help="Run into OUT/NAME instead."
+)
+@click.option("--dry-run", is_flag=True, help="Check the pipelines and print their commands.")
+@click.option("--keys", is_flag=True, help="List every key a pipeline may set, with defaults.")
+def run_cmd(pipelines, sets, out_root, dry_run, keys) -> None:
+    """Run pipeline files (pipelines/*.yaml) in sequence, then one summary table.
+
+    Every file is checked before the first one starts. Exit 0 when all gates pass, 1 when one
+    failed, 2 for bad input (a pipeline that stops on bad input is reported and the rest run).
+    """
+    from clamp_export import pipefile
+
+    if keys:
+        click.echo(pipefile.table(_command_defaults()), nl=False)
+        return
+    if not pipelines:
+        raise UserError("name at least one pipeline file, e.g. pipelines/fmnist_vit-w4a8-trt.yaml")
+    loaded = [pipefile.load(p, sets, out_root) for p in pipelines]
+    _refuse_shared_outputs(loaded)
+    configs = [_pipeline_config(p) for p in loaded]
+    if dry_run:
+        for p in loaded:
+            click.echo(f"{p.file}: {p.command}")
+        return
+    from clamp_export.pipeline import run
+    from clamp_export.report.runs import Outcome, summary
+
+    outcomes = []
+    for i, (p, cfg) in enumerate(zip(loaded, configs, strict=True), 1):
+        _log(f"== [{i}/{len(loaded)}] {p.name}: {p.command}")
+        outcomes.append(Outcome.of(p.name, cfg.out, lambda cfg=cfg: run(cfg, log=_log), _log))
+    click.echo(summary(outcomes))
+    for o in outcomes:
+        for g in o.failed_gates:
+            click.echo(
+                f"clamp-export: gate failed: {o.name}: {g['name']}: {g['message']}", err=True
+            )
+    sys.exit(max(o.exit_code for o in outcomes))
+
+
+def _command_defaults() -> dict:
+    """{flag: default} of the one-shot command: a pipeline key left out takes these."""
+    plain = (str, int, float)
+    return {
+        opt: p.default for p in quantize.params for opt in p.opts if isinstance(p.default, plain)
+    }
+
+
+def _refuse_shared_outputs(pipelines) -> None:
+    seen = {}
+    for p in pipelines:
+        key = str(Path(p.out).resolve())
+        if key in seen:
+            raise UserError(f"{seen[key]} and {p.file} both write {p.out}; give one another out")
+        seen[key] = p.file
+
+
+def _pipeline_config(p):
+    """The pipeline's command parsed by the one-shot command itself: the same defaults and
+    checks; an error names the file."""
+    try:
+        ctx = quantize.make_context("quantize", list(p.argv))
+        return _quantize_config(ctx.params, provenance=p.provenance)
+    except UserError as e:
+        raise UserError(f"{p.file}: {e}") from None
+    except click.ClickException as e:
+        raise UserError(f"{p.file}: {e.format_message()}") from None
 
 
 @cli.command("search")

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ CALIB_SOURCES = ("clamp", "noise", "real", "clamp-synth", "psaq")
 # --calib clamp = Stage 1 (clamp images) + Stage 2 (search); the others are min-max/percentile
 SYNTH_METHOD = {"clamp": "clamp", "noise": "noise", "clamp-synth": "clamp", "psaq": "psaq"}
 
-__all__ = ["RunConfig", "build", "export", "report", "run", "summary_table"]
+__all__ = ["RunConfig", "build", "check", "export", "report", "run", "summary_table"]
 
 
 @dataclass
@@ -88,6 +88,7 @@ class RunConfig:
     device: str = "cpu"  # where Stage 1 and Stage 2 run; export and parity run on the CPU
     report: ReportOptions = field(default_factory=ReportOptions)  # backends, batches, gates
     junit: str | None = None  # write the gates as JUnit XML here
+    provenance: dict = field(default_factory=dict)  # e.g. the pipeline file; into the manifest
 
     def model_kwargs(self) -> dict:
         """The arguments of ``load_model``."""
@@ -220,9 +221,17 @@ class _Plan:
     real_x: torch.Tensor | None = None  # --calib real
 
 
-def _prepare(cfg: RunConfig, log) -> _Plan:
+def check(cfg: RunConfig) -> None:
+    """The checks that need no model: bad options are refused before anything is loaded."""
     _check(cfg)
-    device = compute_device(cfg.device)  # refused before anything is loaded or written
+    compute_device(cfg.device)
+    _bits(cfg)
+    get_profile(cfg.target)
+
+
+def _prepare(cfg: RunConfig, log) -> _Plan:
+    check(cfg)
+    device = compute_device(cfg.device)
     bits, profile = _bits(cfg), get_profile(cfg.target)
     torch.manual_seed(cfg.seed)
     loaded = _load(cfg.model, cfg.model_kwargs(), log)
@@ -282,6 +291,7 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
     with RunDir(cfg.out, first_stage=first, resume=cfg.resume) as run_dir:
         _describe(run_dir, loaded)
         run_dir.meta["seed"] = cfg.seed
+        run_dir.meta.update(cfg.provenance)
         _parameters(cfg, plan, run_dir, log)
         if last_stage == "search":
             run_dir.commit()
@@ -310,7 +320,7 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
             engine=engine,
             seed=cfg.seed,
             config=asdict(cfg),
-            options=cfg.report,
+            options=replace(cfg.report, store=None if cfg.no_cache else cfg.cache_dir),
             log=log,
         )
         _write_report(run_dir, report, t_start, cfg.junit, _stage1_grid(cfg, plan))

@@ -107,6 +107,7 @@ class RunDir:
         staged = sorted(p.name for p in self.staging.iterdir() if p.is_file())
         previous = read_manifest(self.out, missing_ok=True)
         command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+        kept = previous if self.first > STAGES.index("search") else {}
         files = {
             name: entry
             for name, entry in previous.get("files", {}).items()
@@ -122,7 +123,8 @@ class RunDir:
             }
         manifest = {
             "schema": MANIFEST_SCHEMA,
-            **{k: v for k, v in previous.items() if k not in ("schema", "files", "command")},
+            # what made the parameters (model, seed, store, pipeline) holds until they change
+            **{k: v for k, v in kept.items() if k not in ("schema", "files", "command")},
             **self.meta,
             "versions": versions(),
             "command": command,

@@ -23,6 +23,7 @@ from clamp_export.quant.targets import TargetProfile
 from clamp_export.report.blocks import per_block
 from clamp_export.report.gates import Gates, evaluate
 from clamp_export.report.latency import Timing, time_interleaved
+from clamp_export.report.outputs import backend_outputs
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
 from clamp_export.runtime.backends import DEFAULT_BACKENDS, Artifacts, open_backends
 from clamp_export.search.mixed import summarize
@@ -32,6 +33,7 @@ REPORT, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 REPORT_SCHEMA = 2
 PARITY_NOISE_IMAGES = 64
 REFERENCE = "torch-fakequant"  # what every deployed backend is compared with
+DEPLOYED = ("trt", "ort-trt", "ort-cuda", "ort-qdq")  # what stands for the deployment, first found
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ReportOptions:
     device: str = "cpu"
     gates: Gates = field(default_factory=Gates)
     timing: Timing = field(default_factory=Timing)
+    store: str | None = None  # reuse backend outputs stored here (report.outputs); None: run all
 
 
 def machine(threads: int | None) -> dict:
@@ -93,7 +96,9 @@ def report_stage(
     log(
         f"parity of {', '.join(ready)} on {len(x)} {'eval' if eval_x is not None else 'noise'} images"
     )
-    logits = {name: backend(x) for name, backend in ready.items()}
+    logits, reused = backend_outputs(ready, x, graphs, loaded.name, options, log)
+    if reused:
+        log(f"reusing stored outputs of {', '.join(reused)} (same graphs, images and runtimes)")
     ref = logits[REFERENCE]
     backends = {}
     for name, out in logits.items():
@@ -120,6 +125,7 @@ def report_stage(
         },
         "reference": REFERENCE,
         "backends": backends,
+        "reused_outputs": reused,
         "skipped": skipped,
         "latency": latency,
         "latency_setup": {**machine(options.threads), "timing": options.timing.__dict__},
@@ -135,6 +141,7 @@ def report_stage(
         "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
         "notes": [
             *loaded.notes,
+            *_reuse_note(reused),
             *_notes(bits, profile.name, any(q.twin for _, _, q in quantizers(qmodel))),
         ],
         "config": config,
@@ -143,6 +150,16 @@ def report_stage(
     }
     report["gates"] = [g.__dict__ for g in evaluate(options.gates, report)]
     return report
+
+
+def _reuse_note(reused: dict[str, str]) -> list[str]:
+    if not reused:
+        return []
+    return [
+        f"Outputs of {', '.join(reused)} on the eval images were read from the store: the same "
+        "graph bytes, images, runtime versions and threads gave them before (latency is measured "
+        "afresh; --no-cache recomputes them)."
+    ]
 
 
 def _mixed_summary(qmodel, profile) -> dict:
@@ -215,7 +232,7 @@ def _confusion(logits: dict, labels: torch.Tensor | None, source: str | None) ->
     return {"backend": name, "classes": classes, "matrix": matrix.tolist()}
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
@@ -232,9 +249,9 @@ def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
         acc.append(
             (
                 name,
-                _pct(b["top1"]),
+                pct(b["top1"]),
                 drop,
-                "ref" if ref else _pct(b["agreement"]),
+                "ref" if ref else pct(b["agreement"]),
                 "" if ref else f"{e['max_abs']:.3g}",
                 "" if ref else f"{e['mean_abs']:.3g}",
                 "" if ref else f"{e['p99_abs']:.3g}",

@@ -200,3 +200,40 @@ def test_eval_images_of_another_shape_are_refused(tiny_weights, tmp_path):
     )
     assert_clean_error(proc, "are 1x28x28 (CxHxW) but the model takes 3x16x16")
     assert not (tmp_path / "o").exists()
+
+
+def test_stored_outputs_are_reused_only_for_the_same_graph_images_and_threads(tmp_path):
+    from clamp_export.report.outputs import backend_outputs
+    from clamp_export.report.stage import ReportOptions
+
+    calls = []
+
+    def backend(name):
+        def run(x):
+            calls.append(name)
+            return x.flatten(1)[:, :3] * (2 if name == "ort-qdq" else 1)
+
+        return run
+
+    graphs = {"qdq": tmp_path / "q.onnx", "float": tmp_path / "f.onnx"}
+    graphs["qdq"].write_bytes(b"qdq graph")
+    graphs["float"].write_bytes(b"float graph")
+    ready = {n: backend(n) for n in ("torch-fp32", "ort-qdq")}
+    x = torch.arange(24.0).reshape(4, 6)
+    options = ReportOptions(store=str(tmp_path / "store"))
+
+    def outputs(x=x, options=options):
+        return backend_outputs(ready, x, graphs, "m", options, log=lambda m: None)
+
+    first, reused = outputs()
+    assert calls == ["torch-fp32", "ort-qdq"] and reused == {}
+    again, reused = outputs()
+    assert calls == ["torch-fp32", "ort-qdq"] and set(reused) == {"torch-fp32", "ort-qdq"}
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    graphs["qdq"].write_bytes(b"qdq graph, one byte more")  # only the backends of that graph rerun
+    _, reused = outputs()
+    assert calls[2:] == ["ort-qdq"] and set(reused) == {"torch-fp32"}
+    outputs(x=x + 1)  # other images
+    outputs(options=ReportOptions(store=options.store, threads=1))  # other threads
+    assert len(calls) == 7
+    assert backend_outputs(ready, x, graphs, "m", ReportOptions(), log=print)[1] == {}  # no store
