@@ -42,7 +42,7 @@ def fmt_pct(values: list[float], expected: int | None = None) -> str:
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A Markdown table, aligned for the terminal and ready to paste into the README."""
+    """A Markdown table, aligned for the terminal and ready to paste into docs/results.md."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells) -> str:

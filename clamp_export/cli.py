@@ -196,7 +196,8 @@ _REPORT_OPTIONS = [
     click.option(
         "--backends",
         help="Comma-separated backends to report (default: every one, skipping those that cannot "
-        "run here): torch-fp32, torch-fakequant, ort-fp32, ort-qdq, ort-cuda, ort-trt, trt.",
+        "run here): torch-fp32, torch-fakequant, ort-fp32, ort-qdq, ort-cuda, ort-trt, trt, "
+        "trt-fp16.",
     ),
     click.option(
         "--batch",
@@ -228,11 +229,55 @@ _REPORT_OPTIONS = [
 ]
 
 
+_BUILD_OPTIONS = [
+    click.option(
+        "--builder-optimization-level",
+        type=int,
+        help="TensorRT builder optimization level 0..5 (TensorRT's default: 3).",
+    ),
+    click.option("--workspace-mb", type=int, help="TensorRT workspace memory pool limit."),
+    click.option(
+        "--compute-capability",
+        help="TensorRT-RTX ahead-of-time targets, comma-separated, e.g. 8.9,12.0.",
+    ),
+]
+
+
+def build_options(f):
+    """How TensorRT builds engines, shared by the one-shot and `build`."""
+    for option in reversed(_BUILD_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _build_options(kw: dict, batches: tuple[int, ...] = (1, 8, 32)):
+    from clamp_export.build.trt import BuildOptions, parse_compute_capabilities
+
+    options = BuildOptions(
+        batches=batches,
+        optimization_level=kw["builder_optimization_level"],
+        workspace_mb=kw["workspace_mb"],
+        compute_capabilities=parse_compute_capabilities(kw["compute_capability"]),
+    )
+    options.check()  # before any work
+    return options
+
+
 def report_options(f):
     """Backends, the latency sweep and the CI gates, shared by the one-shot and `report`."""
     for option in reversed(_REPORT_OPTIONS):
         f = option(f)
     return f
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"malformed --batch {text!r}: expected e.g. 1,8,32") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch {text} must list batch sizes of at least 1")
+    return batches
 
 
 def _report_options(kw: dict):
@@ -242,12 +287,7 @@ def _report_options(kw: dict):
     from clamp_export.runtime.backends import parse_backends, unavailable
 
     backends, asked = parse_backends(kw["backends"])
-    try:
-        batches = tuple(int(b) for b in kw["batches"].split(","))
-    except ValueError:
-        raise UserError(f"malformed --batch {kw['batches']!r}: expected e.g. 1,8,32") from None
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batch {kw['batches']} must list batch sizes of at least 1")
+    batches = _batches(kw["batches"])
     ratio, at = Gates.parse_speedup(kw["min_speedup"])
     gates = Gates(kw["max_top1_drop"], kw["min_agreement"], kw["max_mean_logit_error"], ratio, at)
     if gates.min_speedup is not None and at not in batches:
@@ -328,6 +368,7 @@ def _log(message: str) -> None:
 @click.option("--eval-limit", type=int, help="Evaluate on the first N images only.")
 @click.option("--out", default="out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-engine", is_flag=True, help="With --target trt: skip the TensorRT build.")
+@build_options
 @report_options
 @device_option
 def quantize(**kw) -> None:
@@ -343,13 +384,15 @@ def _quantize_config(kw: dict, **extra):
     """The one-shot command's RunConfig, every cheap check done (``run`` checks all first)."""
     from clamp_export.pipeline import check
 
+    report = _report_options(kw)
     cfg = _run_config(
         kw,
         qparams=kw["qparams_file"],
         eval_data=kw["eval_data"],
         eval_limit=kw["eval_limit"],
         build_engine=not kw["no_engine"],
-        report=_report_options(kw),
+        build=_build_options(kw, report.batches),
+        report=report,
         junit=kw["junit"],
         **extra,
     )
@@ -466,11 +509,21 @@ def export_cmd(**kw) -> None:
 @click.argument("onnx_file", type=click.Path(dir_okay=False))
 @click.option("--target", default="trt", show_default=True, help="trt (engines are TensorRT's).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def build_cmd(onnx_file: str, target: str, out: str) -> None:
-    """A TensorRT engine from a QDQ graph (model.engine and model.engine.json in --out)."""
+@click.option(
+    "--batch",
+    "batches",
+    default="1,8,32",
+    show_default=True,
+    help="The optimization profile spans these batch sizes (min, median, max).",
+)
+@build_options
+def build_cmd(onnx_file: str, target: str, out: str, **kw) -> None:
+    """A TensorRT engine from a QDQ graph (model.engine and model.engine.json in --out), and
+    the FP16 baseline engine where model.fp16.onnx lies beside the graph."""
     from clamp_export.pipeline import build
 
-    record = build(onnx_file, target, out, log=_log)
+    options = _build_options(kw, _batches(kw["batches"]))
+    record = build(onnx_file, target, out, options, log=_log)
     if "skipped" in record:
         raise UserError(f"no engine built: {record['skipped']}")
     click.echo(

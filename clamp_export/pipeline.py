@@ -18,11 +18,18 @@ from pathlib import Path
 import torch
 
 from clamp_export import atomic
-from clamp_export.build.stage import ENGINE_RECORD, build_stage
+from clamp_export.build.stage import ENGINE, FP16_ENGINE, build_stage, record_name
+from clamp_export.build.trt import BuildOptions
 from clamp_export.data.sources import load_images
 from clamp_export.device import compute_device
 from clamp_export.errors import UserError
-from clamp_export.export.stage import FLOAT_GRAPH, GRAPH, export_stage, fakequant_model
+from clamp_export.export.stage import (
+    FLOAT_GRAPH,
+    FP16_GRAPH,
+    GRAPH,
+    export_stage,
+    fakequant_model,
+)
 from clamp_export.models import LoadedModel, load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import RANGE_METHODS
@@ -85,6 +92,7 @@ class RunConfig:
     out: str = "out"
     seed: int = 0
     build_engine: bool = True
+    build: BuildOptions = field(default_factory=BuildOptions)  # the profile comes from the report
     device: str = "cpu"  # where Stage 1 and Stage 2 run; export and parity run on the CPU
     report: ReportOptions = field(default_factory=ReportOptions)  # backends, batches, gates
     junit: str | None = None  # write the gates as JUnit XML here
@@ -265,7 +273,7 @@ def _parameters(cfg: RunConfig, plan: _Plan, run_dir: RunDir, log) -> None:
             plan.recipe,
             run_dir.staging,
             real_x=plan.real_x,
-            cache_root=None if cfg.no_cache or not cfg.cache_dir else Path(cfg.cache_dir),
+            cache_root=Path(store) if (store := _store(cfg)) else None,
             resume=cfg.resume,
             device=plan.device,
             log=log,
@@ -302,12 +310,15 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
         export_stage(qmodel, loaded, plan.profile, graph, log)
         weights = loaded.weights_sha256 or "random"
         qparams_sha = atomic.sha256_file(run_dir.path(QPARAMS))
-        for name in (GRAPH, FLOAT_GRAPH):
-            run_dir.record(name, {QPARAMS: qparams_sha, "weights": weights})
-        engine = None
+        for name in (GRAPH, FLOAT_GRAPH, FP16_GRAPH):
+            if run_dir.path(name).exists():
+                run_dir.record(name, {QPARAMS: qparams_sha, "weights": weights})
+        engines = {}
         if plan.profile.name == "trt" and cfg.build_engine:
-            engine = build_stage(graph, plan.profile.name, run_dir.staging, log)
-            _record_engine(run_dir, graph)
+            store = _store(cfg)
+            root = Path(store) if store else None
+            options = replace(cfg.build, batches=cfg.report.batches, cache_root=root)
+            engines = _build_engines(run_dir, options, log)
         report = report_stage(
             loaded,
             qmodel,
@@ -317,10 +328,10 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
             eval_x=plan.eval_x,
             eval_y=plan.eval_y,
             eval_source=cfg.eval_data,
-            engine=engine,
+            engines=engines,
             seed=cfg.seed,
             config=asdict(cfg),
-            options=replace(cfg.report, store=None if cfg.no_cache else cfg.cache_dir),
+            options=replace(cfg.report, store=_store(cfg)),
             log=log,
         )
         _write_report(run_dir, report, t_start, cfg.junit, _stage1_grid(cfg, plan))
@@ -336,10 +347,54 @@ def _stage1_grid(cfg: RunConfig, plan: _Plan) -> Path | None:
     return folder / "grid.png" if folder is not None else None
 
 
-def _record_engine(run_dir: RunDir, graph: Path) -> None:
-    for name in ("model.engine", ENGINE_RECORD):
+def _store(cfg: RunConfig) -> str | None:
+    """Where stored artifacts are reused (searched parameters, outputs, timing caches)."""
+    return None if cfg.no_cache or not cfg.cache_dir else cfg.cache_dir
+
+
+# backend name -> (graph, engine): the quantized engine, and the FP16 engine it is compared with
+ENGINES = {"trt": (GRAPH, ENGINE), "trt-fp16": (FP16_GRAPH, FP16_ENGINE)}
+
+
+def _build_engines(run_dir: RunDir, options: BuildOptions, log) -> dict[str, tuple[Path, dict]]:
+    """Both engines of a ``trt`` run, into the run directory: {backend: (engine, record)}."""
+    built = {}
+    for backend, (graph, engine) in ENGINES.items():
+        record = build_stage(
+            run_dir.path(graph),
+            "trt",
+            run_dir.staging,
+            log,
+            options,
+            engine,
+            baseline=graph == FP16_GRAPH,
+        )
+        _record_engine(run_dir, run_dir.path(graph), engine)
+        if "skipped" not in record:
+            built[backend] = (run_dir.path(engine), record)
+        elif backend == "trt":
+            log(f"no engine built: {record['skipped']}")
+            break
+    return built
+
+
+def _record_engine(run_dir: RunDir, graph: Path, engine: str) -> None:
+    for name in (engine, record_name(engine)):
         if run_dir.path(name).exists():
-            run_dir.record(name, {GRAPH: atomic.sha256_file(graph)})
+            run_dir.record(name, {graph.name: atomic.sha256_file(graph)})
+
+
+def _read_engines(run_path: Path) -> dict[str, tuple[Path, dict]]:
+    """The engines a run directory holds, with their build records."""
+    found = {}
+    for backend, (_, engine) in ENGINES.items():
+        record = run_path / record_name(engine)
+        if (run_path / engine).is_file() and record.is_file():
+            try:
+                found[backend] = (run_path / engine, json.loads(record.read_text()))
+            except (ValueError, UnicodeDecodeError):
+                raise UserError(f"{record} is corrupt; run build again") from None
+    return found
 
 
 def _write_report(
@@ -388,14 +443,23 @@ def export(model: str, model_kwargs: dict, qparams: str, out: str, log=print) ->
     return Path(out) / GRAPH
 
 
-def build(onnx_path: str, target: str, out: str, log=print) -> dict:
-    """``clamp-export build``: an engine (and its record) from a graph, after the lint."""
+def build(
+    onnx_path: str, target: str, out: str, options: BuildOptions | None = None, log=print
+) -> dict:
+    """``clamp-export build``: an engine (and its record) from a graph, after the lint; the
+    FP16 baseline engine too where the graph's run directory holds its FP16 graph."""
     atomic.check_creatable_dir(out, "--out")
     if not Path(onnx_path).is_file():
         raise UserError(f"ONNX file {onnx_path} not found")
+    options = options or BuildOptions()
+    options.check()
+    fp16 = Path(onnx_path).parent / FP16_GRAPH
     with RunDir(out, first_stage="build") as run_dir:
-        record = build_stage(Path(onnx_path), target, run_dir.staging, log)
-        _record_engine(run_dir, Path(onnx_path))
+        record = build_stage(Path(onnx_path), target, run_dir.staging, log, options)
+        _record_engine(run_dir, Path(onnx_path), ENGINE)
+        if "skipped" not in record and fp16.is_file():
+            build_stage(fp16, target, run_dir.staging, log, options, FP16_ENGINE, baseline=True)
+            _record_engine(run_dir, fp16, FP16_ENGINE)
         run_dir.commit()
     return record
 
@@ -429,12 +493,7 @@ def report(
     eval_x, eval_y = _eval_images(eval_data, eval_limit, loaded)
     qp = QParams.load(run_path / QPARAMS)
     qmodel, profile = fakequant_model(loaded, qp)
-    engine = None
-    if (run_path / ENGINE_RECORD).is_file():
-        try:
-            engine = json.loads((run_path / ENGINE_RECORD).read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{run_path / ENGINE_RECORD} is corrupt; run build again") from None
+    engines = _read_engines(run_path)
     with RunDir(run_path, first_stage="report") as run_dir:
         result = report_stage(
             loaded,
@@ -445,7 +504,7 @@ def report(
             eval_x=eval_x,
             eval_y=eval_y,
             eval_source=eval_data,
-            engine=engine,
+            engines=engines,
             seed=int(manifest.get("seed", 0)),
             config={"run_dir": str(run_path), "eval_data": eval_data, "eval_limit": eval_limit},
             options=options or ReportOptions(),

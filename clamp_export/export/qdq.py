@@ -57,6 +57,13 @@ def export_qdq(
         return _trace(model, torch.zeros(2, *input_size, dtype=dtype), profile.opset, path)
 
 
-def export_float(model: nn.Module, input_size: tuple[int, int, int], path: Path | str) -> None:
-    """The float model as an FP32 graph (LayerNorm one node): the latency baseline on ORT."""
-    _trace(model, torch.zeros(2, *input_size), 17, path)
+def export_float(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    path: Path | str,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """The float model as an FP32 graph (the latency baseline on ORT), or FP16 (the baseline
+    engine on TensorRT); LayerNorm stays one node (opset 17), as TensorRT fuses it best."""
+    model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
+    _trace(model, torch.zeros(2, *input_size, dtype=dtype), 17, path)

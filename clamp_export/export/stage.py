@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import torch
 from torch import nn
 
 from clamp_export.errors import UserError
@@ -17,6 +18,7 @@ from clamp_export.quant.qparams import QParams
 from clamp_export.quant.targets import TargetProfile, get_profile
 
 GRAPH, FLOAT_GRAPH = "model.qdq.onnx", "model.fp32.onnx"
+FP16_GRAPH = "model.fp16.onnx"  # trt: the float model in FP16, for the baseline engine
 
 
 def fakequant_model(loaded: LoadedModel, qp: QParams) -> tuple[nn.Module, TargetProfile]:
@@ -36,10 +38,17 @@ def export_stage(
 ) -> onnx.ModelProto:
     """Export and lint: a graph that breaks the target's rules is never left behind.
 
-    The float model's FP32 graph goes beside it (``model.fp32.onnx``): the latency baseline.
+    The float model's FP32 graph goes beside it (``model.fp32.onnx``): the latency baseline on
+    ORT; for ``trt`` also its FP16 graph (``model.fp16.onnx``), the baseline engine's.
     """
-    log(f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype}) and {FLOAT_GRAPH}")
-    export_float(loaded.model, loaded.preprocess.input_size, path.parent / FLOAT_GRAPH)
+    floats = [FLOAT_GRAPH] + ([FP16_GRAPH] if profile.float_dtype == "float16" else [])
+    log(
+        f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype}), {', '.join(floats)}"
+    )
+    size = loaded.preprocess.input_size
+    export_float(loaded.model, size, path.parent / FLOAT_GRAPH)
+    if FP16_GRAPH in floats:
+        export_float(loaded.model, size, path.parent / FP16_GRAPH, torch.float16)
     proto = export_qdq(qmodel, loaded.preprocess.input_size, profile, path)
     violations = lint(proto, profile)
     if violations:

@@ -111,6 +111,20 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("device", _STR, "Where Stage 1 and 2 run: cpu, cuda or cuda:N.", "--device"),
     Key(
+        "build.optimization_level",
+        {"type": "integer", "minimum": 0, "maximum": 5},
+        "TensorRT builder optimization level (TensorRT's default: 3).",
+        "--builder-optimization-level",
+    ),
+    Key("build.workspace_mb", _POS_INT, "TensorRT workspace memory limit.", "--workspace-mb"),
+    Key(
+        "build.compute_capabilities",
+        {"type": "array", "items": _STR, "minItems": 1},
+        'TensorRT-RTX ahead-of-time targets, e.g. ["8.9", "12.0"].',
+        "--compute-capability",
+        "list",
+    ),
+    Key(
         "calibration.method",
         _enum(CALIB_METHODS),
         "clamp = Stage 1 + Stage 2 search; the others are calibration baselines.",

@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 
 from clamp_export.errors import UserError
 
+# the float baselines: neither quantized nor meant to agree with the fake-quant model
+FLOAT_BACKENDS = ("torch-fp32", "ort-fp32", "trt-fp16")
+
 
 @dataclass(frozen=True)
 class Gates:
@@ -62,7 +65,7 @@ def evaluate(gates: Gates, report: dict) -> list[GateResult]:
     acc = report["backends"]
     fp32 = acc.get("torch-fp32", {}).get("top1")
     for name, b in acc.items():
-        quantized = name not in ("torch-fp32", "ort-fp32")
+        quantized = name not in FLOAT_BACKENDS
         if (
             gates.max_top1_drop is not None
             and quantized
@@ -78,7 +81,7 @@ def evaluate(gates: Gates, report: dict) -> list[GateResult]:
                     f"(limit {gates.max_top1_drop:g})",
                 )
             )
-        if name in ("torch-fp32", "torch-fakequant", "ort-fp32"):
+        if name in FLOAT_BACKENDS or name == "torch-fakequant":
             continue
         if gates.min_agreement is not None:
             out.append(

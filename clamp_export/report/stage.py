@@ -25,6 +25,7 @@ from clamp_export.report.gates import Gates, evaluate
 from clamp_export.report.latency import Timing, time_interleaved
 from clamp_export.report.outputs import backend_outputs
 from clamp_export.report.parity import logit_error, top1_accuracy, top1_agreement
+from clamp_export.report.trtexec import gpu_compute
 from clamp_export.runtime.backends import DEFAULT_BACKENDS, Artifacts, open_backends
 from clamp_export.search.mixed import summarize
 from clamp_export.versions import versions
@@ -73,7 +74,7 @@ def report_stage(
     eval_x: torch.Tensor | None,
     eval_y: torch.Tensor | None,
     eval_source: str | None,
-    engine: dict | None,
+    engines: dict[str, tuple[Path, dict]],
     seed: int,
     config: dict,
     options: ReportOptions = ReportOptions(),
@@ -88,8 +89,15 @@ def report_stage(
         else noise_images(PARITY_NOISE_IMAGES, loaded.preprocess, seed + 1)
     )
     artifacts = Artifacts(
-        loaded.model, qmodel, graphs["float"], graphs["qdq"], options.device, options.threads
+        loaded.model,
+        qmodel,
+        graphs["float"],
+        graphs["qdq"],
+        options.device,
+        options.threads,
+        engines,
     )
+    records = {name: record for name, (_, record) in engines.items()}
     ready, skipped = open_backends((REFERENCE, *options.backends), options.asked, artifacts)
     for name, why in skipped.items():
         log(f"skipping backend {name}: {why}")
@@ -113,6 +121,12 @@ def report_stage(
         log(f"timing {len(ready)} backends interleaved at batch {b}")
         xb = noise_images(b, loaded.preprocess, seed + 2)
         latency[str(b)] = time_interleaved(ready, b, xb, options.timing)
+        for name in ("trt", "trt-fp16"):  # GPU compute beside host time, where trtexec is
+            if name in ready:
+                shape = (b, *loaded.preprocess.input_size)
+                got = gpu_compute(engines[name][0], "input", shape, options.timing.min_seconds)
+                if got is not None:
+                    latency[str(b)][name]["trtexec"] = got
     report = {
         "schema": REPORT_SCHEMA,
         "model": loaded.name,
@@ -132,10 +146,11 @@ def report_stage(
         "sizes": {
             "fp32_onnx_bytes": graphs["float"].stat().st_size,
             "qdq_onnx_bytes": graphs["qdq"].stat().st_size,
-            "engine_bytes": (engine or {}).get("plan_bytes"),
+            "engine_bytes": records.get("trt", {}).get("plan_bytes"),
+            "fp16_engine_bytes": records.get("trt-fp16", {}).get("plan_bytes"),
             "packed_mb": summarize(qmodel, profile).packed_mb if bits.mixed else None,
         },
-        "artifacts": {"engine": engine},
+        "artifacts": {"engine": records.get("trt"), "fp16_engine": records.get("trt-fp16")},
         "per_block": per_block(loaded.model, qmodel, graphs["qdq"], x),
         "confusion": _confusion(logits, eval_y, eval_source),
         "mixed_precision": _mixed_summary(qmodel, profile) if bits.mixed else None,
@@ -258,10 +273,11 @@ def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
                 "" if ref else f"{e['cosine']:.6f}",
             )
         )
-    lat = [("batch", "backend", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up")]
+    lat = [("batch", "backend", "p50 ms", "p90 ms", "p99 ms", "images/s", "speed-up", "GPU ms")]
     for batch, per in report["latency"].items():
         for name, t in per.items():
             up = t.get("speedup")
+            gpu = t.get("trtexec") or {}
             lat.append(
                 (
                     batch,
@@ -271,9 +287,15 @@ def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
                     f"{t['p99_ms']:.2f}",
                     f"{t['images_per_s']:.0f}",
                     f"{up['ratio']:.2f}x vs {up['over']}" if up else "",
+                    f"{gpu['gpu_compute_p50_ms']:.3f}" if "gpu_compute_p50_ms" in gpu else "",
                 )
             )
+    if not any(row[-1] for row in lat[1:]):  # trtexec's GPU compute time, where it ran
+        lat = [row[:-1] for row in lat]
     out = [("accuracy and parity", acc)]
+    engines = _engine_rows(report.get("artifacts", {}))
+    if len(engines) > 1:
+        out.append(("engines", engines))
     if len(lat) > 1:
         setup = report["latency_setup"]
         out.append((f"latency ({setup['cpu']}, {setup['threads']} threads, interleaved)", lat))
@@ -284,6 +306,33 @@ def tables(report: dict) -> list[tuple[str, list[tuple[str, ...]]]]:
         ]
         out.append(("gates", gates))
     return out
+
+
+def _engine_rows(artifacts: dict) -> list[tuple[str, ...]]:
+    """The engines built: by what, for what, how big, and how many layers run in each precision
+    (from the engine inspector, which needs a GPU)."""
+    rows = [("engine", "built by", "for", "MB", "build s", "layers by precision")]
+    for key, name in (("engine", "model.engine"), ("fp16_engine", "model.fp16.engine")):
+        r = artifacts.get(key)
+        if not r:
+            continue
+        target = r.get("target") or {}
+        built = target.get("built_on_gpu") or {}
+        caps = target.get("compute_capabilities")
+        where = ", ".join(caps) if isinstance(caps, list) else caps or built.get("name", "-")
+        layers = (r.get("layers") or {}).get("counts")
+        shown = ", ".join(f"{k} {v}" for k, v in layers.items()) if layers else "needs a GPU"
+        rows.append(
+            (
+                name,
+                f"{r.get('module')} {r.get('version')}",
+                str(where),
+                f"{r.get('plan_bytes', 0) / 1e6:.2f}",
+                str(r.get("build_seconds", "-")),
+                shown,
+            )
+        )
+    return rows
 
 
 def _head(report: dict) -> str:

@@ -1,6 +1,6 @@
 """The report's backends, by name: each runs images to logits and can be timed on one batch.
 
-A backend that cannot run here (no GPU, no onnxruntime-gpu, no TensorRT runner yet) says why in
+A backend that cannot run here (no GPU, no onnxruntime-gpu, no TensorRT, no engine) says why in
 one line, and the report lists it as skipped; asking for it by name is then an error that says
 how to install what it needs (Polygraphy's runners are the model: one interface, lazy imports).
 """
@@ -8,7 +8,7 @@ how to install what it needs (Polygraphy's runners are the model: one interface,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from clamp_export.errors import UserError
+from clamp_export.runtime.engine import EngineRunner, engine_missing
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 
 GPU_HINT = "pip install 'clamp-export[gpu]' (onnxruntime-gpu, which replaces onnxruntime) on a CUDA machine"
@@ -31,6 +32,7 @@ class Artifacts:
     qdq_graph: Path
     device: str = "cpu"
     threads: int | None = None
+    engines: dict = field(default_factory=dict)  # backend name -> (engine path, build record)
 
 
 class Backend:
@@ -69,6 +71,12 @@ def _ort(path: Path, name: str, providers: list[str], threads, baseline: str | N
     return Backend(name, run, baseline)
 
 
+def _engine(a: Artifacts, name: str, baseline: str | None) -> Backend:
+    path, record = a.engines[name]
+    runner = EngineRunner(path, record)
+    return Backend(name, lambda x: torch.from_numpy(runner.run_batch(x.numpy())), baseline)
+
+
 def _ort_provider_missing(provider: str, device: str) -> str | None:
     import onnxruntime
 
@@ -83,6 +91,7 @@ def _ort_provider_missing(provider: str, device: str) -> str | None:
 class BackendSpec:
     missing: Callable[[str], str | None]  # why it cannot run here on a device, or None
     make: Callable[[Artifacts], Backend]
+    needs: Callable[[Artifacts], str | None] = lambda a: None  # what the run lacks for it
 
 
 def _cuda_missing(device: str) -> str | None:
@@ -122,8 +131,16 @@ BACKENDS: dict[str, BackendSpec] = {
             None,
         ),
     ),
-    # the TensorRT engine runner (Polygraphy's TrtRunner) takes this slot with the TensorRT issue
-    "trt": BackendSpec(lambda d: "the TensorRT engine runner is not part of this version", None),
+    "trt": BackendSpec(
+        engine_missing,
+        lambda a: _engine(a, "trt", "trt-fp16"),
+        lambda a: None if "trt" in a.engines else "the run has no model.engine (--target trt)",
+    ),
+    "trt-fp16": BackendSpec(
+        engine_missing,
+        lambda a: _engine(a, "trt-fp16", None),
+        lambda a: None if "trt-fp16" in a.engines else "the run has no model.fp16.engine",
+    ),
 }
 DEFAULT_BACKENDS = tuple(BACKENDS)
 
@@ -159,5 +176,11 @@ def open_backends(
 ) -> tuple[dict[str, Backend], dict[str, str]]:
     """(backends that run, {name: why skipped})."""
     skipped = unavailable(names, asked, artifacts.device)
+    for name in dict.fromkeys(names):
+        why = None if name in skipped else BACKENDS[name].needs(artifacts)
+        if why is not None and asked:
+            raise UserError(f"backend {name} cannot run on this run directory: {why}")
+        if why is not None:
+            skipped[name] = why
     ready = {n: BACKENDS[n].make(artifacts) for n in dict.fromkeys(names) if n not in skipped}
     return ready, skipped
