@@ -107,7 +107,8 @@ def cli() -> None:
 _RECIPE_OPTIONS = [
     click.option(
         "--bits",
-        help="wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision.  [default: w8a8]",
+        help="wXaY (X, Y in 2..8), w4a16 (INT4 weight-only, trt), or mp:W / mp:WxA mixed "
+        "precision.  [default: w8a8]",
     ),
     click.option(
         "--budget-mb",
@@ -187,6 +188,13 @@ _RECIPE_OPTIONS = [
         help="Levels of the softmax output: one uniform grid, or twin-uniform (fine steps below "
         "1/8, coarse above, the same bit count; two int8 attn @ v matmuls). Twin gains at 4-bit "
         "activations.",
+    ),
+    click.option(
+        "--block-size",
+        default=64,
+        show_default=True,
+        type=int,
+        help="--bits w4a16: input channels per INT4 weight scale (TensorRT runs 64 or 128).",
     ),
     click.option("--seed", default=0, show_default=True, type=int),
 ]
@@ -343,6 +351,7 @@ def _run_config(kw: dict, **extra):
         range_method=kw["range_method"],
         percentile=kw["percentile"],
         softmax=kw["softmax"],
+        block_size=kw["block_size"],
         out=kw["out"],
         seed=kw["seed"],
         device=kw["device"],

@@ -85,6 +85,7 @@ class RunConfig:
     no_cache: bool = False  # search afresh: neither read nor write the qparams store
     range_method: str = "minmax"
     softmax: str = "uniform"  # levels of the softmax output: uniform or twin (fakequant.wrap_model)
+    block_size: int = 64  # w4a16: input channels per INT4 weight scale (64 or 128)
     percentile: float = 99.99
     qparams: str | None = None  # reuse a qparams.json instead of calibrating
     eval_data: str | None = None
@@ -142,6 +143,8 @@ def _check(cfg: RunConfig) -> None:
 def _bits(cfg: RunConfig) -> BitsSpec:
     """--bits, or under --budget-mb the mixed precision that the budget sets."""
     bits = BitsSpec.parse(cfg.bits or "w8a8")
+    if bits.weight_only:
+        return _weight_only(cfg, bits)
     if cfg.budget_mb is None or bits.mixed:
         return bits
     if cfg.bits is not None:
@@ -150,6 +153,20 @@ def _bits(cfg: RunConfig) -> BitsSpec:
             "drop --bits, or pass --bits mp:W[xA] to cap the averages as well"
         )
     return BitsSpec(weight=8, act=8, mp_weight=8.0)  # the budget sets the average weight bits
+
+
+def _weight_only(cfg: RunConfig, bits: BitsSpec) -> BitsSpec:
+    """w4a16, checked against what it cannot combine with."""
+    if not get_profile(cfg.target).weight_only_blocks:
+        raise UserError(
+            f"--bits {bits} (INT4 weight-only in blocks, FP16 activations) is TensorRT's format: "
+            f"use --target trt, or --bits w4a8 on --target {cfg.target}"
+        )
+    if cfg.budget_mb is not None:
+        raise UserError(f"--budget-mb chooses mixed precision; --bits {bits} is fixed INT4 weights")
+    if cfg.softmax != "uniform":
+        raise UserError(f"--softmax {cfg.softmax}: --bits {bits} does not quantize the softmax")
+    return bits.with_block(cfg.block_size)
 
 
 def _calibration_images(cfg: RunConfig, loaded: LoadedModel) -> torch.Tensor | None:

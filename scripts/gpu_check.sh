@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with a CUDA GPU and TensorRT (not TensorRT-RTX's CPU-only build
-# path: this one runs engines). For each of the fmnist_vit engines, INT8 W8A8 and W4A8 and the
-# FP16 baseline beside each, it builds the engine, runs it through the report's `trt` and
-# `trt-fp16` backends on the 10k Fashion-MNIST test set, gates agreement with the fake-quant
-# model at >= 99%, and times it (host time, plus trtexec's GPU compute where trtexec is on PATH).
-# Noise calibration keeps it under 8 minutes: it checks engine parity, not calibration quality.
+# The GPU check, for a machine with a CUDA GPU and TensorRT (TensorRT-RTX's CPU-only build path
+# is not enough: this one runs engines). For each fmnist_vit engine, INT8 W8A8 and W4A8 and INT4
+# weight-only W4A16, with the FP16 baseline engine beside each, it builds the engines, runs them
+# through the report's `trt` and `trt-fp16` backends on the 10k Fashion-MNIST test set, gates
+# agreement with the fake-quant model at >= 99%, and times them (host time, plus trtexec's GPU
+# compute where trtexec is on PATH). Noise calibration keeps it under 8 minutes: it checks
+# engine parity, not calibration quality.
 #   scripts/gpu_check.sh            (OUT=DIR to choose where the run directories go)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("te
     )
 PY
 out=${OUT:-out/gpu_check}
-for bits in w8a8 w4a8; do
+for bits in w8a8 w4a8 w4a16; do
   "$py" -m clamp_export fmnist_vit --bits "$bits" --target trt --calib noise --eval-data fmnist \
     --backends torch-fakequant,torch-fp32,trt,trt-fp16 --batch 1,8,32,128 \
     --min-agreement 0.99 --out "$out/$bits"

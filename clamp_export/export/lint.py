@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from clamp_export.errors import UserError
+from clamp_export.quant.bits import BLOCK_SIZES
 from clamp_export.quant.targets import TargetProfile
 
 _INTEGER_OPS = {
@@ -91,6 +92,33 @@ def _centres_its_input(reduce_mean: onnx.NodeProto, consumers: dict) -> bool:
     )
 
 
+def _block_problems(n, weight: np.ndarray, scale: np.ndarray, axis: int, block: int, consumers):
+    """(rule, message) of a blocked weight DequantizeLinear that TensorRT would not run as
+    INT4 weight-only: other block sizes, blocks not along K, consumers other than MatMul/Gemm.
+    TensorRT-RTX's parser takes more on the CPU; TensorRT's documentation is the rule."""
+    if block not in BLOCK_SIZES:
+        yield "block-size", f"block size {block}; TensorRT runs INT4 blocks of 64 or 128"
+    for c in consumers.get(n.output[0], []):
+        if c.op_type not in ("MatMul", "Gemm") or c.input[1] != n.output[0]:
+            yield (
+                "block-consumer",
+                f"feeds {c.op_type} {c.name}; INT4 blocks feed MatMul/Gemm weights",
+            )
+            continue
+        trans_b = next((a.i for a in c.attribute if a.name == "transB"), 0)
+        k_axis = 1 if c.op_type == "Gemm" and trans_b else 0
+        if axis != k_axis:
+            yield (
+                "block-axis",
+                f"blocks along axis {axis}; {c.op_type} {c.name} reduces axis {k_axis} (K)",
+            )
+    want = list(weight.shape)
+    if 0 <= axis < len(want) and block:
+        want[axis] = -(-want[axis] // block)
+    if list(scale.shape) != want:
+        yield "block-scale", f"scales of shape {list(scale.shape)} for blocks of shape {want}"
+
+
 def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -140,6 +168,11 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
             continue
         weight = consts[n.input[0]]
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        block = next((a.i for a in n.attribute if a.name == "block_size"), 0)
+        if block:
+            for rule, msg in _block_problems(n, weight, scale, axis, block, consumers):
+                bad(n, rule, msg)
+            continue
         for c in consumers.get(n.output[0], []):
             want = _expected_weight_axis(c, n.output[0])
             if want is None:
@@ -156,6 +189,18 @@ def lint(model: onnx.ModelProto, profile: TargetProfile) -> list[Violation]:
                     "weight-axis",
                     f"{scale.size} scales for {weight.shape[want]} output channels",
                 )
+    blocked = any(
+        n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)
+        for n in graph.node
+    )
+    for n in graph.node if blocked else ():
+        if n.op_type == "QuantizeLinear":
+            bad(
+                n,
+                "weight-only",
+                "activation Q/DQ in an INT4 weight-only graph: TensorRT runs blocked int4 "
+                "weights with FP16 activations (w4a16)",
+            )
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
         bad(
             graph.name or "<graph>",

@@ -92,7 +92,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "bits",
         _STR,
-        "wXaY (X, Y in 2..8), or mp:W / mp:WxA mixed precision; required unless budget_mb.",
+        "wXaY (X, Y in 2..8), w4a16 (INT4 weight-only, trt), or mp:W / mp:WxA mixed precision; "
+        "required unless budget_mb.",
         "--bits",
     ),
     Key(
@@ -167,6 +168,12 @@ KEYS: tuple[Key, ...] = (
         _enum(SOFTMAX_LEVELS),
         "Levels of the softmax output.",
         "--softmax",
+    ),
+    Key(
+        "calibration.block_size",
+        {"type": "integer", "enum": [64, 128]},
+        "bits w4a16: input channels per INT4 weight scale.",
+        "--block-size",
     ),
     Key(
         "calibration.cyclic",

@@ -1,9 +1,9 @@
-"""The ``--bits`` spec: ``wXaY`` (X, Y in 2..8)."""
+"""The ``--bits`` spec: ``wXaY`` (X, Y in 2..8), ``w4a16`` (INT4 weight-only), ``mp:W[xA]``."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from clamp_export.errors import UserError
 
@@ -11,7 +11,9 @@ from clamp_export.errors import UserError
 # below 1/8 of its range and a coarse one above; quant.math.twin_scale)
 SOFTMAX_LEVELS = ("uniform", "twin")
 
-_PATTERN = re.compile(r"^w([2-8])a([2-8])$")
+_PATTERN = re.compile(r"^w([2-8])a([2-8]|16)$")
+FLOAT_BITS = 16  # a point at 16 bits is not quantized: it stays in the graph's float type
+BLOCK_SIZES = (64, 128)  # INT4 weight-only blocks TensorRT documents
 _MP_PATTERN = re.compile(r"^mp:(\d+(?:\.\d+)?)(?:x(\d+(?:\.\d+)?))?$")
 
 
@@ -30,6 +32,13 @@ class BitsSpec:
     # averaged over parameters, activation bits over quant points); weight/act are the start
     mp_weight: float | None = None
     mp_act: float | None = None
+    # weight-only (act 16): int4 weights in blocks of this many input channels, one scale each
+    block: int = 64
+
+    @property
+    def weight_only(self) -> bool:
+        """w4a16: INT4 blocked weights, FP16 activations, the patch embedding and head in FP16."""
+        return self.act >= FLOAT_BITS
 
     @property
     def mixed(self) -> bool:
@@ -53,7 +62,24 @@ class BitsSpec:
                 f"malformed --bits {text!r}: expected wXaY with X and Y from 2 to 8 (e.g. w8a8, w4a8), "
                 "or mp:W / mp:WxA for mixed precision (e.g. mp:4.7, mp:4.7x6)"
             )
-        return cls(weight=int(m.group(1)), act=int(m.group(2)))
+        weight, act = int(m.group(1)), int(m.group(2))
+        if act == FLOAT_BITS and weight != 4:
+            raise UserError(
+                f"malformed --bits {text!r}: weight-only quantization is w4a16 (INT4 weights in "
+                "blocks, FP16 activations), the weight-only format TensorRT runs natively"
+            )
+        if act == FLOAT_BITS:
+            return cls(weight=4, act=FLOAT_BITS, edge=FLOAT_BITS)
+        return cls(weight=weight, act=act)
+
+    def with_block(self, block: int) -> BitsSpec:
+        """The weight-only block size; TensorRT documents 64 and 128 only."""
+        if block not in BLOCK_SIZES:
+            raise UserError(
+                f"--block-size {block}: TensorRT runs INT4 weight-only blocks of "
+                f"{' or '.join(map(str, BLOCK_SIZES))} input channels"
+            )
+        return replace(self, block=block)
 
     def __str__(self) -> str:
         if self.mixed:
@@ -63,4 +89,7 @@ class BitsSpec:
         return f"w{self.weight}a{self.act}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.weight_only:  # no blocks: keys of earlier recipes stay as they were
+            del d["block"]
+        return d

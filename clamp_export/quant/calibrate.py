@@ -19,7 +19,9 @@ def calibrate_weights(qmodel: nn.Module) -> None:
     for mod in qmodel.modules():
         if isinstance(mod, _QuantWeighted):
             q = mod.weight_q
-            w = mod.weight.detach().float().flatten(1)
+            if q.is_float:
+                continue
+            w = q.rows(mod.weight.detach().float()).flatten(1)  # a range per channel or block
             q.calib_range = (w.min(1).values, w.max(1).values)  # set_bits re-derives from it
             q.set_params(*q.range_params(*q.calib_range))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clamp_export.errors import UserError
-from clamp_export.quant.bits import SOFTMAX_LEVELS, BitsSpec
+from clamp_export.quant.bits import BLOCK_SIZES, FLOAT_BITS, SOFTMAX_LEVELS, BitsSpec
 from clamp_export.quant.equalize import applied_equalization, apply_equalization
 from clamp_export.quant.math import (
     fake_quantize,
@@ -72,6 +72,20 @@ class _DQWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, z, axis_i=axis)
 
 
+class _DQBlockedWeight(torch.autograd.Function):
+    """INT4 weight [K, N] in blocks of ``block`` rows (input channels), one scale per block and
+    output channel → opset-21 blocked DequantizeLinear (int4 is packed after tracing:
+    ``export.qdq``). Zero-point 0, as TensorRT's weight-only format has it."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, scale: torch.Tensor, block: int):  # type: ignore[override]
+        return q.to(scale.dtype) * scale.repeat_interleave(block, dim=0)
+
+    @staticmethod
+    def symbolic(g, q, scale, block):
+        return g.op("DequantizeLinear", q, scale, axis_i=0, block_size_i=block)
+
+
 _EXPORT_DTYPE = [torch.float32]
 _FP16_MIN_NORMAL = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -92,13 +106,18 @@ class Quantizer(nn.Module):
         axis: int | None = None,
         store_dtype: torch.dtype = torch.float32,
         window: bool = False,
+        block: int | None = None,
     ) -> None:
         super().__init__()
         self.bits, self.signed, self.axis = bits, signed, axis
+        # a weight's scales per block of ``block`` input channels (INT4 weight-only), row-major:
+        # the per-row quantizer of the weight viewed as [out * in / block, block]
+        self.block = block
         self._symmetric = symmetric
         self.window = window  # may slide its levels along the int8 grid (TargetProfile.act_window)
         self.store_dtype = store_dtype  # the float type the deployed graph stores scales in
-        self.qmin, self.qmax = level_range(bits, signed)
+        # a float point (16 bits) has no levels; it passes its input through
+        self.qmin, self.qmax = level_range(bits, signed) if bits < FLOAT_BITS else (0, 0)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
         self.mode = "off"
@@ -130,6 +149,22 @@ class Quantizer(nn.Module):
     @property
     def is_weight(self) -> bool:
         return self.axis is not None
+
+    @property
+    def is_float(self) -> bool:
+        """Not a quant point: a 16-bit point stays in the graph's float type (w4a16)."""
+        return self.bits >= FLOAT_BITS
+
+    def rows(self, w: torch.Tensor) -> torch.Tensor:
+        """The view whose rows the scales apply to: output channels, or blocks of them."""
+        if self.block is None:
+            return w
+        if w.shape[-1] % self.block:
+            raise UserError(
+                f"a weight of {w.shape[-1]} input channels does not split into blocks of "
+                f"{self.block}; choose another --block-size"
+            )
+        return w.reshape(-1, self.block)
 
     @property
     def slides(self) -> bool:
@@ -178,7 +213,13 @@ class Quantizer(nn.Module):
                 self.bits, self.signed, self.scale, zeros, self.axis, window=(lo, hi)
             )
         return QuantPoint.from_tensors(
-            self.bits, self.signed, self.scale, self.zero_point, self.axis, twin=self.twin
+            self.bits,
+            self.signed,
+            self.scale,
+            self.zero_point,
+            self.axis,
+            twin=self.twin,
+            block=self.block,
         )
 
     def load_point(self, p: QuantPoint, where: str) -> None:
@@ -189,7 +230,7 @@ class Quantizer(nn.Module):
                 f"but the model was built for {'int' if self.signed else 'uint'} axis={self.axis}; "
                 "re-run calibration with the same --target"
             )
-        self.bits, self.twin = p.bits, p.twin
+        self.bits, self.twin, self.block = p.bits, p.twin, p.block
         self.qmin, self.qmax = level_range(p.bits, p.signed)
         scale, zp = p.tensors()
         if p.window is not None:
@@ -202,8 +243,10 @@ class Quantizer(nn.Module):
         self.set_params(scale, zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "off":
+        if self.mode == "off" or self.is_float:
             return x
+        if self.block is not None and self.mode == "quant":
+            return self._fake_quantize(self.rows(x)).reshape(x.shape)
         if self.mode == "observe":
             self.observer.update(x)
             return x
@@ -213,6 +256,9 @@ class Quantizer(nn.Module):
             return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
         if not self.is_weight:
             x = self._as_stored(x)
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.log_scale is not None:
             scale = self.log_scale.exp()
             return fake_quantize_learned(x, scale, self.zero_point, self.qmin, self.qmax, self.axis)
@@ -261,13 +307,16 @@ class Quantizer(nn.Module):
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Integer levels of ``w`` as int8 (the deployed initializer)."""
-        return quantize(w.float(), self.scale, self.zero_point, self.qmin, self.qmax, 0).to(
-            torch.int8
-        )
+        rows = self.rows(w.float())
+        q = quantize(rows, self.scale, self.zero_point, self.qmin, self.qmax, 0)
+        return q.reshape(w.shape).to(torch.int8)
 
     def extra_repr(self) -> str:
+        if self.is_float:
+            return "float"
         kind = "twin " if self.twin else ("int" if self.signed else "uint")
-        return f"{kind}{self.bits}, axis={self.axis}, mode={self.mode}"
+        block = f", block={self.block}" if self.block else ""
+        return f"{kind}{self.bits}, axis={self.axis}{block}, mode={self.mode}"
 
 
 class _QuantWeighted(nn.Module):
@@ -282,17 +331,35 @@ class _QuantWeighted(nn.Module):
         self.exporting = False
 
     def prepare_export(self, dtype: torch.dtype) -> None:
-        """Freeze the integer weights as buffers, so they trace to int8 initializers."""
-        q = self.weight_q.int_weight(self.weight)
-        if isinstance(self, QuantLinear):  # Linear [N, K] -> MatMul [K, N]: channels on axis 1
+        """Freeze the integer weights as buffers, so they trace to int8 initializers (a float
+        weight stays a float initializer, in the graph's float type)."""
+        wq = self.weight_q
+        linear = isinstance(self, QuantLinear)  # Linear [N, K] -> MatMul [K, N]: channels on 1
+        if wq.is_float:
+            w = self.weight.detach().to(dtype)
+            self.register_buffer("weight_float", w.t().contiguous() if linear else w)
+            return
+        q = wq.int_weight(self.weight)
+        scale = wq.scale.to(dtype)
+        if (
+            wq.block is not None
+        ):  # [N * K/B] scales -> [K/B, N], blocks along K of the [K, N] weight
+            scale = scale.reshape(q.shape[0], -1).t().contiguous()
+        if linear:
             q = q.t().contiguous()
         self.register_buffer("weight_int8", q)
-        self.register_buffer("weight_scale", self.weight_q.scale.to(dtype))
+        self.register_buffer("weight_scale", scale)
 
     def release_export(self) -> None:
-        del self.weight_int8, self.weight_scale
+        for name in ("weight_int8", "weight_scale", "weight_float"):
+            if hasattr(self, name):
+                delattr(self, name)
 
     def _export_weight(self) -> torch.Tensor:
+        if self.weight_q.is_float:
+            return self.weight_float
+        if self.weight_q.block is not None:
+            return _DQBlockedWeight.apply(self.weight_int8, self.weight_scale, self.weight_q.block)
         return _DQWeight.apply(
             self.weight_int8, self.weight_scale, 1 if isinstance(self, QuantLinear) else 0
         )
@@ -404,15 +471,30 @@ def wrap_model(
         q.twin = fixed and softmax == "twin"
         return q
 
-    def weight(nbits: int) -> Quantizer:
+    def weight(nbits: int, block: int | None = None) -> Quantizer:
         q = Quantizer(
-            nbits, profile.weight_signed, profile.weight_symmetric, axis=0, store_dtype=store
+            nbits,
+            profile.weight_signed,
+            profile.weight_symmetric,
+            axis=0,
+            store_dtype=store,
+            block=block,
         )
         q.fixed_range = None
         return q
 
-    def linear(layer: nn.Linear, nbits: int, in_bits: int = bits.act) -> QuantLinear:
-        return QuantLinear(layer, act(nbits=in_bits), weight(nbits))
+    def linear(
+        layer: nn.Linear, nbits: int, in_bits: int = bits.act, block: int | None = None
+    ) -> QuantLinear:
+        if block and layer.in_features % block:
+            raise UserError(
+                f"a linear layer of {layer.in_features} input channels does not split into INT4 "
+                f"blocks of {block}; choose --block-size {' or '.join(map(str, BLOCK_SIZES))}"
+                " that divides it"
+            )
+        return QuantLinear(layer, act(nbits=in_bits), weight(nbits, block))
+
+    block = bits.block if bits.weight_only else None  # INT4 weight-only: blocks along K
 
     pe = qmodel.patch_embed.proj
     if not isinstance(pe, nn.Conv2d):
@@ -425,9 +507,13 @@ def wrap_model(
                 "is supported"
             )
         a = blk.attn
-        blk.attn = QuantAttention(a, linear(a.qkv, bits.weight), linear(a.proj, bits.weight), act)
-        blk.mlp.fc1 = linear(blk.mlp.fc1, bits.weight)
-        blk.mlp.fc2 = linear(blk.mlp.fc2, bits.weight)
+        qkv, proj = (
+            linear(a.qkv, bits.weight, block=block),
+            linear(a.proj, bits.weight, block=block),
+        )
+        blk.attn = QuantAttention(a, qkv, proj, act)
+        blk.mlp.fc1 = linear(blk.mlp.fc1, bits.weight, block=block)
+        blk.mlp.fc2 = linear(blk.mlp.fc2, bits.weight, block=block)
     for head in ("head", "head_dist"):
         layer = getattr(qmodel, head, None)
         if isinstance(layer, nn.Linear):
@@ -436,14 +522,22 @@ def wrap_model(
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, str, Quantizer]]:
-    """(module name, role, quantizer) for every quant point, in forward order."""
+    """(module name, role, quantizer) for every quant point, in forward order; points that
+    stay float (16 bits, w4a16's activations) are none."""
     for name, mod in model.named_modules():
-        if isinstance(mod, _QuantWeighted):
-            yield name, "input", mod.input_q
-            yield name, WEIGHT_ROLE, mod.weight_q
-        elif isinstance(mod, QuantAttention):
-            for role in ("q", "k", "attn", "v"):
-                yield name, role, getattr(mod, role)
+        for role, q in layer_points(mod):
+            yield name, role, q
+
+
+def layer_points(module: nn.Module) -> list[tuple[str, Quantizer]]:
+    """(role, quantizer) of one layer's quant points; empty for a layer with none."""
+    if isinstance(module, _QuantWeighted):
+        pairs = [("input", module.input_q), (WEIGHT_ROLE, module.weight_q)]
+    elif isinstance(module, QuantAttention):
+        pairs = [(role, getattr(module, role)) for role in ("q", "k", "attn", "v")]
+    else:
+        return []
+    return [(role, q) for role, q in pairs if not q.is_float]
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
@@ -494,7 +588,13 @@ def load_qparams(model: nn.Module, qp: QParams) -> nn.Module:
     for name, role, _ in quantizers(model):  # every check before the model is touched
         p, n = qp.get(name, role), 1
         if role == WEIGHT_ROLE:
-            n = modules[name].weight.shape[0]
+            w = modules[name].weight
+            n = w.shape[0] if p.block is None else w.numel() // p.block
+            if p.block is not None and w.shape[-1] % p.block:
+                raise UserError(
+                    f"qparams entry {name}:{role} has blocks of {p.block}, which do not divide "
+                    f"the layer's {w.shape[-1]} input channels; it was made for another model"
+                )
         if len(p.scale) != n or len(p.zero_point) != n:
             raise UserError(
                 f"qparams entry {name}:{role} has {len(p.scale)} scales and {len(p.zero_point)} "

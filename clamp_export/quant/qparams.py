@@ -18,14 +18,15 @@ import torch
 
 from clamp_export import atomic
 from clamp_export.errors import UserError
-from clamp_export.quant.bits import BitsSpec
+from clamp_export.quant.bits import BLOCK_SIZES, BitsSpec
 from clamp_export.quant.equalize import Factors, check_factors
 from clamp_export.quant.math import level_range
 from clamp_export.quant.targets import TargetProfile
 
-# 2 added ``window``, 3 ``equalization``, 4 ``twin`` (files without them read as before)
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 2 added ``window``, 3 ``equalization``, 4 ``twin``, 5 ``block`` (files without them read as
+# before)
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 WEIGHT_ROLE = "weight"
 
 
@@ -42,6 +43,9 @@ class QuantPoint:
     # twin-uniform levels (quant.math.twin_scale): ``scale`` is the fine part's; the coarse part's
     # is 2^(bits-1) times it, and both parts have zero-point 0 and levels 0 .. 2^(bits-1)-1
     twin: bool = False
+    # INT4 weight-only (w4a16): one scale per block of ``block`` input channels of each output
+    # channel, row-major ([out channel][block]); None: one scale per output channel
+    block: int | None = None
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -59,6 +63,7 @@ class QuantPoint:
         axis: int | None,
         window: tuple[int, int] | None = None,
         twin: bool = False,
+        block: int | None = None,
     ) -> QuantPoint:
         return cls(
             bits=bits,
@@ -68,6 +73,7 @@ class QuantPoint:
             axis=axis,
             window=None if window is None else [int(window[0]), int(window[1])],
             twin=twin,
+            block=block,
         )
 
 
@@ -189,6 +195,8 @@ class QParams:
                     f"{where}: twin-uniform levels are only for activations, with zero-point 0 "
                     "and no window"
                 )
+            if p.block is not None or spec.weight_only:
+                out.extend(_block_violations(where, p, spec, profile, is_weight))
             if is_weight and profile.weight_axis_per_channel and p.axis != 0:
                 out.append(f"{where}: weights must be per-output-channel (axis 0)")
             if not is_weight and (p.axis is not None or len(p.scale) != 1):
@@ -219,6 +227,7 @@ _POINT_SCHEMA = {
             "maxItems": 2,
         },
         "twin": {"type": "boolean"},
+        "block": {"type": ["integer", "null"], "minimum": 1},
     },
 }
 SCHEMA = {
@@ -300,7 +309,23 @@ def _point_dict(p: QuantPoint) -> dict:
         del d["window"]
     if not d["twin"]:
         del d["twin"]
+    if d["block"] is None:
+        del d["block"]
     return d
+
+
+def _block_violations(
+    where: str, p: QuantPoint, spec: BitsSpec, profile: TargetProfile, is_weight: bool
+):
+    """INT4 weight-only: blocked int4 weights of the block linears, nothing else quantized."""
+    if not profile.weight_only_blocks:
+        yield f"{where}: blocked INT4 weight-only (w4a16) is TensorRT's format, not {profile.name}'s"
+    elif not spec.weight_only:
+        yield f"{where}: weight blocks in a {spec} file (blocks are for w4a16)"
+    elif not is_weight:
+        yield f"{where}: a w4a16 file keeps activations in FP16: no activation quant points"
+    elif p.block not in BLOCK_SIZES:
+        yield f"{where}: block size {p.block}; TensorRT runs blocks of 64 or 128"
 
 
 def _window_violations(where: str, p: QuantPoint, profile: TargetProfile, is_weight: bool):

@@ -28,9 +28,18 @@ class TargetProfile:
     opset: int = 17
     allowed_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 
+    @property
+    def weight_only_blocks(self) -> bool:
+        """Runs INT4 weight-only graphs (w4a16): blocked int4 DequantizeLinear at opset 21.
+        A property, not a field: the profile's fields key stored results."""
+        return self.name in WEIGHT_ONLY_TARGETS
+
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+WEIGHT_ONLY_TARGETS = ("trt",)
+WEIGHT_ONLY_OPSET = 21  # int4 and blocked DequantizeLinear
 
 PROFILES: dict[str, TargetProfile] = {
     # TensorRT: symmetric only, zero-points 0; strongly typed FP16 graph. FP16 Q/DQ scales need

@@ -157,7 +157,7 @@ def report_stage(
         "notes": [
             *loaded.notes,
             *_reuse_note(reused),
-            *_notes(bits, profile.name, any(q.twin for _, _, q in quantizers(qmodel))),
+            *_notes(bits, profile.name, qmodel),
         ],
         "config": config,
         "versions": versions(),
@@ -188,13 +188,22 @@ def _mixed_summary(qmodel, profile) -> dict:
     }
 
 
-def _notes(bits: BitsSpec, target: str, twin: bool = False) -> list[str]:
+def _notes(bits: BitsSpec, target: str, qmodel: nn.Module) -> list[str]:
     notes = []
+    twin = any(q.twin for _, _, q in quantizers(qmodel))
+    blocks = sorted({q.block for _, _, q in quantizers(qmodel) if q.block})
     if twin:
         notes.append(
             "The softmax output has twin-uniform levels: the graph splits it into a fine and a "
             "coarse part, each Q/DQ'd and multiplied by v in an INT8 matmul of its own (one extra "
             "attention-sized matmul per block)."
+        )
+    if bits.weight_only:
+        notes.append(
+            f"INT4 weight-only: the qkv/proj/fc1/fc2 weights are int4 in blocks of "
+            f"{'/'.join(map(str, blocks))} "
+            "input channels (one FP16 scale each, zero-point 0), dequantized to FP16 by opset-21 "
+            "DequantizeLinear; activations, the patch embedding and the head stay FP16."
         )
     if bits.mixed:
         notes.append(

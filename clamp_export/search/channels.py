@@ -37,10 +37,12 @@ def scan_weight_channels(
     wq = layer.weight_q
     ref = _channel_outputs(layer, xq, layer.weight)
     base, zp = wq.scale.clone(), wq.zero_point
+    per_channel = len(base) // layer.weight.shape[0]  # blocks per channel (w4a16), else 1
     best_scale, best_err = base.clone(), torch.full_like(base, float("inf"))
     for m in (1.0, *multipliers):  # the current scale first: it wins every tie
         wq.set_params(base * m, zp)  # applies the target's storage rounding
         err = ((_channel_outputs(layer, xq, wq(layer.weight)) - ref) ** 2).mean(1)
+        err = err.repeat_interleave(per_channel)  # a channel's blocks move together
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, wq.scale, best_scale)

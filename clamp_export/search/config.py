@@ -120,7 +120,7 @@ def low_activation_bits(bits: BitsSpec) -> bool:
     seed of W4A8 moved by +0.02 / +0.09 pt with equalization, so the 8-bit default stays.
     """
     act = bits.mp_act if bits.mixed and bits.mp_act is not None else bits.act
-    return act < 8
+    return act < 8  # w4a16's float activations are not low
 
 
 def preset(name: str, bits: BitsSpec | None = None, **overrides) -> SearchConfig:
@@ -134,10 +134,11 @@ def preset(name: str, bits: BitsSpec | None = None, **overrides) -> SearchConfig
         ) from None
     if bits is not None:
         low = low_activation_bits(bits)
+        refine = low or bits.weight_only  # w4a16: the block scales refined jointly too
         base = replace(
             base,
             equalize=low,
-            refine_steps=REFINE_STEPS if low else 0,
-            refine_shift=REFINE_SHIFT if low else 0.0,
+            refine_steps=REFINE_STEPS if refine else 0,
+            refine_shift=REFINE_SHIFT if refine else 0.0,
         )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from clamp_export.quant.fakequant import QuantAttention, Quantizer, _QuantWeighted
+from clamp_export.quant.fakequant import QuantAttention, Quantizer, _QuantWeighted, layer_points
 
 Genome = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def layer_quantizers(module) -> list[Quantizer]:
-    if isinstance(module, _QuantWeighted):
-        return [module.input_q, module.weight_q]
-    if isinstance(module, QuantAttention):
-        # a twin-uniform softmax output keeps its data-free levels (its range is [0, 1])
-        return [q for q in (module.q, module.k, module.attn, module.v) if not q.twin]
-    raise TypeError(f"not a searchable layer: {type(module).__name__}")
+    """The layer's searched quant points: a twin-uniform softmax output keeps its data-free
+    levels (its range is [0, 1]), and float points (w4a16's activations) are none."""
+    if not isinstance(module, (_QuantWeighted, QuantAttention)):
+        raise TypeError(f"not a searchable layer: {type(module).__name__}")
+    return [q for _, q in layer_points(module) if not q.twin]
 
 
 def read_genome(quantizers: list[Quantizer]) -> Genome:

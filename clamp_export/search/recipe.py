@@ -76,6 +76,8 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["bits"], d["profile"] = str(self.bits), self.profile.to_dict()
+        if self.bits.weight_only:  # the block size decides the parameters too
+            d["bits"] = self.bits.to_dict()
         d["synth"] = self.synth.to_dict() if self.synth else None
         d["search"] = self.search.to_dict() if self.search else None
         if self.range_method != "percentile":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clamp_export.quant.fakequant import QuantAttention, _QuantWeighted
+from clamp_export.quant.fakequant import QuantAttention, _QuantWeighted, layer_points
 
 
 def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,8 @@ def searchable_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     depth = len(model.blocks)
     out = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, (_QuantWeighted, QuantAttention)):
-            continue
+        if not isinstance(mod, (_QuantWeighted, QuantAttention)) or not layer_points(mod):
+            continue  # w4a16: attention and the FP16 edges hold no quant point
         if name.startswith("blocks."):
             stage = int(name.split(".")[1])
         elif name.startswith("patch_embed"):

@@ -114,3 +114,22 @@ def test_timing_caches_are_kept_per_flavour_version_and_gpu(tmp_path):
     c = trt_build.timing_cache_path(tmp_path, "tensorrt", "10.10", None)
     assert len({a, b, c}) == 3 and all(p.parent == tmp_path / "timing" for p in (a, b, c))
     assert b.name == "tensorrt-10.9-NVIDIA_H200-sm9.0.cache"
+
+
+@pytest.mark.e2e  # a 224-px export and build (benchmarks/trt_build.py times all of them)
+def test_deit_t_224_weight_only_graph_parses_and_builds(tmp_path):
+    from clamp_export.data.sources import noise_images
+    from clamp_export.export.qdq import export_qdq
+    from clamp_export.models import load_model
+    from clamp_export.quant.bits import BitsSpec
+    from clamp_export.quant.calibrate import calibrate
+    from clamp_export.quant.fakequant import wrap_model
+    from clamp_export.quant.targets import get_profile
+
+    torch.manual_seed(0)
+    loaded = load_model("deit_t", random_init=True)
+    qm = wrap_model(loaded.model, BitsSpec.parse("w4a16"), get_profile("trt"))  # 192 = 3 x 64
+    calibrate(qm, noise_images(2, loaded.preprocess))
+    export_qdq(qm, (3, 224, 224), get_profile("trt"), tmp_path / "model.qdq.onnx")
+    record = build_stage(tmp_path / "model.qdq.onnx", "trt", tmp_path, lambda m: None)
+    assert record["plan_bytes"] > 1_000_000 and record["profile"]["opt"] == [8, 3, 224, 224]

@@ -33,7 +33,12 @@ def _export(target: str, bits: str, path, equalize: bool = False, softmax: str =
 # twin-uniform softmax output's Where split into two Q/DQ'd attn @ v matmuls
 @pytest.mark.parametrize(
     "bits,equalize,softmax",
-    [("w8a8", False, "uniform"), ("w4a8", False, "uniform"), ("w4a4", True, "twin")],
+    [
+        ("w8a8", False, "uniform"),
+        ("w4a8", False, "uniform"),
+        ("w4a4", True, "twin"),
+        ("w4a16", False, "uniform"),  # INT4 weight-only: blocked int4 DequantizeLinear, opset 21
+    ],
 )
 def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize, softmax):
     proto = _export("trt", bits, tmp_path / "m.onnx", equalize, softmax)
@@ -46,7 +51,7 @@ def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize, softmax):
     )
     assert res["plan_bytes"] > 100_000
     assert (tmp_path / "m.engine").stat().st_size == res["plan_bytes"]
-    assert res["strongly_typed"] and res["network_layers"] > 100
+    assert res["strongly_typed"] and res["network_layers"] > 50
     assert res["profile"]["max"] == [64, 1, 28, 28]
 
 

@@ -49,7 +49,7 @@ def test_qparams_json_round_trip(tiny_vit, tmp_path, target, bits, softmax):
     back = QParams.load(path)
     assert back.to_dict() == qp.to_dict()
     raw = json.loads(path.read_text())
-    assert raw["version"] == 4
+    assert raw["version"] == 5
     assert raw["modules"]["blocks.0.attn"]["attn"].get("twin", False) == (softmax == "twin")
     assert "twin" not in raw["modules"]["blocks.0.attn"]["q"]  # written only where it is on
     assert set(raw["modules"]["blocks.0.attn"]) == {"q", "k", "attn", "v"}

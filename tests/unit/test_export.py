@@ -208,7 +208,7 @@ def test_cli_twin_softmax_reaches_the_contract_the_graph_and_the_report(tiny_wei
     )
     assert proc.returncode == 0, proc.stderr
     qp = json.loads((out / "qparams.json").read_text())
-    assert qp["version"] == 4 and qp["modules"]["blocks.0.attn"]["attn"]["twin"] is True
+    assert qp["version"] == 5 and qp["modules"]["blocks.0.attn"]["attn"]["twin"] is True
     proto = onnx.load(out / "model.qdq.onnx")
     assert sum(n.op_type == "Where" for n in proto.graph.node) >= 2
     assert lint(proto, get_profile("trt")) == []

@@ -11,6 +11,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from clamp_export import progress
 from clamp_export.quant.qparams import QParams
 from clamp_export.store import Store
@@ -30,6 +32,7 @@ def _entries(cache):
     return [p for p in root.glob("*/*") if not p.name.startswith(".")] if root.exists() else []
 
 
+@pytest.mark.e2e  # minutes of CLI runs: CI runs it, make test-fast does not
 def test_second_identical_run_reuses_the_store_and_writes_identical_files(tiny_weights, tmp_path):
     _, args = tiny_weights
     cache = ("--cache-dir", str(tmp_path / "cache"))
@@ -57,6 +60,7 @@ def test_second_identical_run_reuses_the_store_and_writes_identical_files(tiny_w
     assert len(_entries(tmp_path / "cache")) == 1
 
 
+@pytest.mark.e2e  # minutes of CLI runs: CI runs it, make test-fast does not
 @requires_trt
 def test_stages_chained_by_hand_give_the_one_shot_hashes(tiny_weights, tmp_path):
     _, args = tiny_weights
@@ -134,6 +138,7 @@ def test_verify_names_a_flipped_byte_and_a_missing_file(tiny_weights, tmp_path):
     assert "qparams.json" not in bad.stderr
 
 
+@pytest.mark.e2e  # minutes of CLI runs: CI runs it, make test-fast does not
 def test_a_killed_search_leaves_no_store_entry_and_resumes(tiny_weights, tmp_path):
     _, args = tiny_weights
     cache, out = tmp_path / "cache", tmp_path / "o"
@@ -166,6 +171,7 @@ def test_a_killed_search_leaves_no_store_entry_and_resumes(tiny_weights, tmp_pat
     assert len(_entries(cache)) == 1
 
 
+@pytest.mark.e2e  # minutes of CLI runs: CI runs it, make test-fast does not
 def test_two_concurrent_runs_of_one_recipe_leave_one_valid_entry(tiny_weights, tmp_path):
     _, args = tiny_weights
     cache = ("--cache-dir", str(tmp_path / "cache"))
