@@ -39,7 +39,7 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
     assert backends["torch-fakequant"]["top1"] >= backends["torch-fp32"]["top1"] - 0.02
     assert backends["ort-fp32"]["top1"] == pytest.approx(backends["torch-fp32"]["top1"], abs=0.002)
     assert backends["ort-qdq"]["agreement"] >= 0.99
-    assert set(report["skipped"]) == {"ort-cuda", "ort-trt", "trt"}
+    assert set(report["skipped"]) == {"ort-cuda", "ort-trt", "trt", "trt-fp16"}
     for batch in ("1", "8", "32"):
         assert report["latency"][batch]["ort-qdq"]["speedup"]["over"] == "ort-fp32"
         assert report["latency"][batch]["ort-qdq"]["p50_ms"] > 0
@@ -49,8 +49,10 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
     assert report["config"]["bits"] == bits and report["versions"]["onnxruntime"]
     qp = json.loads((out / "qparams.json").read_text())
     assert qp["target"] == target and qp["metadata"]["weights"] == "bundled:fmnist_vit.safetensors"
+    fp16 = ["model.fp16.onnx"] if target == "trt" else []  # the FP16 baseline engine's graph
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
+        *fp16,
         "model.fp32.onnx",
         "model.qdq.onnx",
         "qparams.json",
@@ -63,6 +65,7 @@ def test_cli_on_fmnist_vit(tmp_path, bits, target):
         name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in manifest["files"]
     } == {name: f["sha256"] for name, f in manifest["files"].items()}
     assert set(manifest["files"]) == {
+        *fp16,
         "model.fp32.onnx",
         "model.qdq.onnx",
         "qparams.json",
@@ -91,9 +94,14 @@ def test_cli_trt_builds_engine(tmp_path):
         str(out),
     )
     assert proc.returncode == 0, proc.stderr
-    engine = json.loads((out / "report.json").read_text())["artifacts"]["engine"]
+    artifacts = json.loads((out / "report.json").read_text())["artifacts"]
+    engine, fp16 = artifacts["engine"], artifacts["fp16_engine"]
     assert engine["plan_bytes"] == (out / "model.engine").stat().st_size > 0
-    assert engine["strongly_typed"] is True
+    assert fp16["plan_bytes"] == (out / "model.fp16.engine").stat().st_size > 0
+    assert engine["strongly_typed"] is True and engine["profile"]["max"] == [32, 1, 28, 28]
+    assert fp16["onnx"] == "model.fp16.onnx" and engine["onnx"] == "model.qdq.onnx"
+    assert json.loads((out / "model.fp16.engine.json").read_text()) == fp16
+    assert "engines" in proc.stdout and "model.fp16.engine" in proc.stdout  # the table
 
 
 def test_full_clamp_pipeline_and_resume(tmp_path):

@@ -10,7 +10,7 @@ from clamp_export.models import load_model
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.equalize import equalization_factors
-from clamp_export.quant.fakequant import equalize_wrapped, wrap_model
+from clamp_export.quant.fakequant import equalize_wrapped, quantizers, wrap_model
 from clamp_export.quant.targets import get_profile
 from tests.conftest import requires_fmnist, requires_trt
 
@@ -25,6 +25,9 @@ def _export(target: str, bits: str, path, equalize: bool = False, softmax: str =
     if equalize:
         equalize_wrapped(qm, equalization_factors(loaded.model, calib))
     calibrate(qm, calib)
+    if BitsSpec.parse(bits).mixed:  # widths as an allocation leaves them: 3..8 across layers
+        for i, (_, _, q) in enumerate(quantizers(qm)):
+            q.set_bits(3 + i % 6)
     return export_qdq(qm, loaded.preprocess.input_size, profile, path)
 
 
@@ -38,9 +41,11 @@ def _export(target: str, bits: str, path, equalize: bool = False, softmax: str =
         ("w4a8", False, "uniform"),
         ("w4a4", True, "twin"),
         ("w4a16", False, "uniform"),  # INT4 weight-only: blocked int4 DequantizeLinear, opset 21
+        ("mp:5x6", False, "uniform"),  # mixed precision: every point at its own width
     ],
 )
 def test_trt_profile_graph_parses_and_builds(tmp_path, bits, equalize, softmax):
+    """Every trt graph of fmnist_vit; the FP16 baseline graph is built in test_engine_build."""
     proto = _export("trt", bits, tmp_path / "m.onnx", equalize, softmax)
     assert lint(proto, get_profile("trt")) == []
     res = build_engine(
