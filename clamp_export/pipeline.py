@@ -348,7 +348,9 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
             engines=engines,
             seed=cfg.seed,
             config=asdict(cfg),
-            options=replace(cfg.report, store=_store(cfg)),
+            options=replace(
+                cfg.report, store=_store(cfg), engine_cache=str(Path(cfg.out) / ORT_TRT_CACHE)
+            ),
             log=log,
         )
         _write_report(run_dir, report, t_start, cfg.junit, _stage1_grid(cfg, plan))
@@ -369,6 +371,7 @@ def _store(cfg: RunConfig) -> str | None:
     return None if cfg.no_cache or not cfg.cache_dir else cfg.cache_dir
 
 
+ORT_TRT_CACHE = "ort-trt-cache"  # a folder in the run directory: ORT's TensorRT EP engines
 # backend name -> (graph, engine): the quantized engine, and the FP16 engine it is compared with
 ENGINES = {"trt": (GRAPH, ENGINE), "trt-fp16": (FP16_GRAPH, FP16_ENGINE)}
 
@@ -524,7 +527,7 @@ def report(
             engines=engines,
             seed=int(manifest.get("seed", 0)),
             config={"run_dir": str(run_path), "eval_data": eval_data, "eval_limit": eval_limit},
-            options=options or ReportOptions(),
+            options=replace(options or ReportOptions(), engine_cache=str(run_path / ORT_TRT_CACHE)),
             log=log,
         )
         _write_report(run_dir, result, t_start, junit)

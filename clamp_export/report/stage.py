@@ -47,6 +47,7 @@ class ReportOptions:
     gates: Gates = field(default_factory=Gates)
     timing: Timing = field(default_factory=Timing)
     store: str | None = None  # reuse backend outputs stored here (report.outputs); None: run all
+    engine_cache: str | None = None  # the run's folder for ort-trt's TensorRT EP engines
 
 
 def machine(threads: int | None) -> dict:
@@ -96,6 +97,7 @@ def report_stage(
         options.device,
         options.threads,
         engines,
+        Path(options.engine_cache) if options.engine_cache else None,
     )
     records = {name: record for name, (_, record) in engines.items()}
     ready, skipped = open_backends((REFERENCE, *options.backends), options.asked, artifacts)

@@ -33,6 +33,7 @@ class Artifacts:
     device: str = "cpu"
     threads: int | None = None
     engines: dict = field(default_factory=dict)  # backend name -> (engine path, build record)
+    engine_cache: Path | None = None  # where ort-trt keeps the engines its TensorRT EP builds
 
 
 class Backend:
@@ -87,6 +88,16 @@ def _ort_provider_missing(provider: str, device: str) -> str | None:
     return None
 
 
+def _ort_trt_providers(a: Artifacts) -> list:
+    """TensorRT EP with FP16 kernels allowed (the QDQ graph's float parts are FP16 on trt) and
+    its engines cached beside the run, so a second report does not rebuild them."""
+    options = {"trt_fp16_enable": "True"}
+    if a.engine_cache is not None:
+        a.engine_cache.mkdir(parents=True, exist_ok=True)
+        options |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(a.engine_cache)}
+    return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     missing: Callable[[str], str | None]  # why it cannot run here on a device, or None
@@ -123,13 +134,7 @@ BACKENDS: dict[str, BackendSpec] = {
     ),
     "ort-trt": BackendSpec(
         lambda d: _ort_provider_missing("TensorrtExecutionProvider", d),
-        lambda a: _ort(
-            a.qdq_graph,
-            "ort-trt",
-            ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
-            a.threads,
-            None,
-        ),
+        lambda a: _ort(a.qdq_graph, "ort-trt", _ort_trt_providers(a), a.threads, None),
     ),
     "trt": BackendSpec(
         engine_missing,

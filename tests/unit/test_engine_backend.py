@@ -115,3 +115,15 @@ def test_trtexec_trace_summary():
     assert got["gpu_compute_p50_ms"] == pytest.approx(5.05)
     assert got["gpu_compute_p99_ms"] == pytest.approx(10.0)
     assert got["latency_p50_ms"] == pytest.approx(10.1)
+
+
+def test_ort_tensorrt_ep_runs_fp16_and_caches_engines_in_the_run(tmp_path):
+    arts = backends.Artifacts(None, None, None, None, engine_cache=tmp_path / "ort-trt-cache")
+    (name, options), fallback = backends._ort_trt_providers(arts)
+    assert (name, fallback) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    assert options == {
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(tmp_path / "ort-trt-cache"),
+    }
+    assert (tmp_path / "ort-trt-cache").is_dir()
