@@ -13,9 +13,9 @@ from clamp_export.export.lint import lint
 from clamp_export.export.qdq import export_float, export_qdq
 from clamp_export.models import LoadedModel
 from clamp_export.quant.bits import BitsSpec
-from clamp_export.quant.fakequant import load_qparams, wrap_model
+from clamp_export.quant.fakequant import load_qparams, quantizers, wrap_model
 from clamp_export.quant.qparams import QParams
-from clamp_export.quant.targets import TargetProfile, get_profile
+from clamp_export.quant.targets import WEIGHT_ONLY_OPSET, TargetProfile, get_profile
 
 GRAPH, FLOAT_GRAPH = "model.qdq.onnx", "model.fp32.onnx"
 FP16_GRAPH = "model.fp16.onnx"  # trt: the float model in FP16, for the baseline engine
@@ -42,9 +42,9 @@ def export_stage(
     ORT; for ``trt`` also its FP16 graph (``model.fp16.onnx``), the baseline engine's.
     """
     floats = [FLOAT_GRAPH] + ([FP16_GRAPH] if profile.float_dtype == "float16" else [])
-    log(
-        f"exporting {path.name} (opset {profile.opset}, {profile.float_dtype}), {', '.join(floats)}"
-    )
+    blocked = any(q.block for _, _, q in quantizers(qmodel))  # INT4 weight-only: opset 21
+    opset = WEIGHT_ONLY_OPSET if blocked else profile.opset
+    log(f"exporting {path.name} (opset {opset}, {profile.float_dtype}), {', '.join(floats)}")
     size = loaded.preprocess.input_size
     export_float(loaded.model, size, path.parent / FLOAT_GRAPH)
     if FP16_GRAPH in floats:
