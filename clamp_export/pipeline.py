@@ -290,7 +290,7 @@ def _parameters(cfg: RunConfig, plan: _Plan, run_dir: RunDir, log) -> None:
             plan.recipe,
             run_dir.staging,
             real_x=plan.real_x,
-            cache_root=Path(store) if (store := _store(cfg)) else None,
+            cache_root=_store(cfg),
             resume=cfg.resume,
             device=plan.device,
             log=log,
@@ -332,9 +332,7 @@ def run(cfg: RunConfig, log=print, last_stage: str = "report") -> dict | None:
                 run_dir.record(name, {QPARAMS: qparams_sha, "weights": weights})
         engines = {}
         if plan.profile.name == "trt" and cfg.build_engine:
-            store = _store(cfg)
-            root = Path(store) if store else None
-            options = replace(cfg.build, batches=cfg.report.batches, cache_root=root)
+            options = replace(cfg.build, batches=cfg.report.batches, cache_root=_store(cfg))
             engines = _build_engines(run_dir, options, log)
         report = report_stage(
             loaded,
@@ -366,9 +364,9 @@ def _stage1_grid(cfg: RunConfig, plan: _Plan) -> Path | None:
     return folder / "grid.png" if folder is not None else None
 
 
-def _store(cfg: RunConfig) -> str | None:
+def _store(cfg: RunConfig) -> Path | None:
     """Where stored artifacts are reused (searched parameters, outputs, timing caches)."""
-    return None if cfg.no_cache or not cfg.cache_dir else cfg.cache_dir
+    return None if cfg.no_cache or not cfg.cache_dir else Path(cfg.cache_dir)
 
 
 ORT_TRT_CACHE = "ort-trt-cache"  # a folder in the run directory: ORT's TensorRT EP engines

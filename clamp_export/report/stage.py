@@ -46,7 +46,9 @@ class ReportOptions:
     device: str = "cpu"
     gates: Gates = field(default_factory=Gates)
     timing: Timing = field(default_factory=Timing)
-    store: str | None = None  # reuse backend outputs stored here (report.outputs); None: run all
+    store: Path | str | None = (
+        None  # reuse backend outputs stored here (report.outputs); None: run all
+    )
     engine_cache: str | None = None  # the run's folder for ort-trt's TensorRT EP engines
 
 
