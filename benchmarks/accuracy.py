@@ -6,9 +6,11 @@ search on the real images instead of Stage 1's; and the ablations: no channel sc
 adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only; and a
 ``-twin`` variant of each baseline and of full CLAMP, with a twin-uniform softmax output. Ladder
 W8A8 ... W3A4 and mixed precision under the ort and trt profiles, mean ± std over seeds, time per
-method.
+method. ``--parity`` adds ONNX Runtime's top-1 on each cell's exported graph and its agreement
+with the fake-quant model (on `trt` the FP16 graph with its rounding explicit).
 
-    .venv/bin/python benchmarks/accuracy.py [--seeds 0,1,2] [--bits w4a4,w4a8] [--targets trt]
+    .venv/bin/python benchmarks/accuracy.py [--model fmnist_vit_reg4] [--seeds 0,1,2]
+        [--bits w4a4,w4a8] [--targets trt] [--parity]
 
 Prints a table and writes benchmarks/results/accuracy.json.
 """
@@ -107,12 +109,20 @@ def main() -> None:
     )
     ap.add_argument("--methods", default=",".join(BASELINES + tuple(CLAMP) + twin))
     ap.add_argument("--search-preset", default="default")
+    ap.add_argument(
+        "--parity",
+        action="store_true",
+        help="also export each computed cell and run ONNX Runtime on the graph: its top-1 and its "
+        "agreement with fake-quant (cells already stored keep what they hold)",
+    )
     args = ap.parse_args()
 
     loaded, x_test, y_test, fp32 = load_reference(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     acc: dict[str, list[float]] = {}
+    agree: dict[str, list[float]] = {}  # ORT on the exported graph vs fake-quant (--parity)
+    ort_acc: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
     cells = Cells(args.cells, args.fresh)
     for seed in seeds:
@@ -147,9 +157,13 @@ def main() -> None:
                         lambda: quantized_model(loaded, bits, target, calib, rng, search, softmax),  # noqa: B023
                         x_test,
                         y_test,
+                        deployed=args.parity,
                     )
                     cell = f"{method}|{target}|{bits}"
                     acc.setdefault(cell, []).append(rec["top1"])
+                    if "agreement" in rec:
+                        agree.setdefault(cell, []).append(rec["agreement"])
+                        ort_acc.setdefault(cell, []).append(rec["ort_top1"])
                     seconds.setdefault(method, []).append(rec["seconds"] + gen["seconds"])
                     print(
                         f"  seed {seed} {target} {bits} {method}: {100 * rec['top1']:.2f}%",
@@ -166,6 +180,15 @@ def main() -> None:
         f"\ntop-1 % on {len(x_test)} test images (FP32 {100 * fp32:.2f}), mean ± std over seeds {seeds}"
     )
     print_table(header, rows)
+    if agree:
+        print("\nORT on the exported graph: top-1 % and top-1 agreement % with fake-quant")
+        print_table(
+            ["cell", "ORT top-1", "agreement"],
+            [
+                [c, fmt_pct(ort_acc[c], len(seeds)), fmt_pct(v, len(seeds))]
+                for c, v in agree.items()
+            ],
+        )
     print_table(
         ["method", "seconds (mean, incl. image generation)"],
         [[m, f"{mean_std(seconds[m])[0]:.1f}"] for m in methods if m in seconds],
@@ -187,6 +210,14 @@ def main() -> None:
             "accuracy": {
                 k: {"values": v, "mean": mean_std(v)[0], "std": mean_std(v)[1]}
                 for k, v in acc.items()
+            },
+            "deployed": {
+                k: {
+                    "ort_top1": ort_acc[k],
+                    "agreement": v,
+                    "agreement_mean": mean_std(v)[0],
+                }
+                for k, v in agree.items()
             },
             "seconds": {m: mean_std(v)[0] for m, v in seconds.items()},
             "versions": versions(),

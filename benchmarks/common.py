@@ -216,16 +216,42 @@ def cell_key(
     }
     if softmax != "uniform":  # keys of cells measured before the option are unchanged
         key["softmax"] = softmax
+    if key["profile"]["float_dtype"] == "float16":  # FP16 arithmetic since SEARCH_NUMERICS 2
+        key["arithmetic"] = "fp16-graph"
     return key if search is None else {**key, "search": search.to_dict()}
 
 
-def evaluate_cell(cells: Cells, key: dict, build, x_test, y_test) -> dict:
-    """{top1, seconds} of the model ``build()`` returns (seconds = building it, not evaluating)."""
+def deployed_agreement(qm: nn.Module, target: str, x: torch.Tensor) -> dict:
+    """Top-1 of ONNX Runtime on the exported QDQ graph and its top-1 agreement with ``qm``: on
+    ``trt`` the FP16 graph, run with its FP16 rounding explicit (``runtime.fp16_rounding``)."""
+    import tempfile
+
+    from clamp_export.export.qdq import export_qdq
+    from clamp_export.runtime.runners import OrtRunner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.qdq.onnx"
+        export_qdq(qm, tuple(x.shape[1:]), get_profile(target), path)
+        ort_pred = OrtRunner(path, threads=torch.get_num_threads())(x).argmax(1)
+    with torch.inference_mode():
+        fq_pred = torch.cat([qm(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+    return {"ort_pred": ort_pred, "agreement": float((ort_pred == fq_pred).float().mean())}
+
+
+def evaluate_cell(cells: Cells, key: dict, build, x_test, y_test, deployed: bool = False) -> dict:
+    """{top1, seconds} of the model ``build()`` returns (seconds = building it, not evaluating);
+    ``deployed`` adds ``ort_top1`` and ``agreement`` of its exported graph (cells stored before
+    the option hold neither)."""
 
     def run() -> dict:
         t = time.time()
         qm = build()
         seconds = time.time() - t
-        return {"top1": top1(qm, x_test, y_test), "seconds": seconds}
+        rec = {"top1": top1(qm, x_test, y_test), "seconds": seconds}
+        if deployed:
+            d = deployed_agreement(qm, key["target"], x_test)
+            rec["ort_top1"] = float((d["ort_pred"] == y_test).float().mean())
+            rec["agreement"] = d["agreement"]
+        return rec
 
     return cells.get_or_run(key, run)

@@ -1,9 +1,10 @@
-"""Train the reference model ``fmnist_vit`` on Fashion-MNIST (DESIGN §7).
+"""Train a Fashion-MNIST reference model (``fmnist_vit``, ``fmnist_vit_reg4``; DESIGN §7).
 
 Run once, not in CI. One cosine cycle per call; ``scripts/train_fmnist_vit.sh`` chains the three
-cycles that made the shipped weights.
-Writes clamp_export/models/reference/fmnist_vit.safetensors and fmnist_vit.json (seed, epochs,
-time, test accuracy). The recipe is plain: AdamW, cosine with warm-up, label smoothing, random
+cycles that made the shipped ``fmnist_vit``, ``scripts/train_fmnist_vit_reg4.sh`` the one of
+``fmnist_vit_reg4``.
+Writes clamp_export/models/reference/MODEL.safetensors and MODEL.json (seed, epochs, time, test
+accuracy). The recipe is plain: AdamW, cosine with warm-up, label smoothing, random
 crop (pad 2) + horizontal flip. Fused attention is used for training speed only: it changes no
 parameters.
 """
@@ -52,6 +53,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="fmnist_vit", choices=registry.REFERENCE_MODELS)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -64,7 +66,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    spec = registry.ALIASES["fmnist_vit"]
+    spec = registry.ALIASES[args.model]
     model = registry.create(spec, pretrained=False)
     if args.init:
         from clamp_export.models.weights import load_weights
@@ -127,9 +129,9 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "fmnist_vit.safetensors"))
+    save_file(state, str(args.out / f"{args.model}.safetensors"))
     record = {
-        "command": "python scripts/train_fmnist_vit.py "
+        "command": f"python scripts/train_fmnist_vit.py --model {args.model} "
         + f"--epochs {args.epochs} --batch {args.batch} --lr {args.lr} --seed {args.seed}"
         + (f" --init {args.init} --warmup-epochs {args.warmup_epochs}" if args.init else ""),
         "timm_name": spec.timm_name,
@@ -143,7 +145,7 @@ def main() -> None:
     }
     if args.init and args.init.with_suffix(".json").is_file():  # chain the earlier run's record
         record["init_record"] = json.loads(args.init.with_suffix(".json").read_text())
-    (args.out / "fmnist_vit.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

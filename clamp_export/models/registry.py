@@ -59,7 +59,28 @@ ALIASES: dict[str, ModelSpec] = {
         preprocess=Preprocess(mean=FMNIST_MEAN, std=FMNIST_STD, input_size=(1, 28, 28)),
         bundled_weights="fmnist_vit.safetensors",
     ),
+    # Second reference model (scripts/train_fmnist_vit_reg4.sh), of another shape: 4 register
+    # tokens beside the class token (5 prefix tokens), deeper and narrower, 6 heads of 16 dims,
+    # MLP ratio 4. Defaults are kept only where they hold on both reference models.
+    "fmnist_vit_reg4": ModelSpec(
+        "vit_tiny_patch16_224",
+        kwargs=dict(
+            img_size=28,
+            patch_size=4,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=96,
+            depth=8,
+            num_heads=6,
+            mlp_ratio=4.0,
+            reg_tokens=4,
+        ),
+        preprocess=Preprocess(mean=FMNIST_MEAN, std=FMNIST_STD, input_size=(1, 28, 28)),
+        bundled_weights="fmnist_vit_reg4.safetensors",
+    ),
 }
+
+REFERENCE_MODELS = tuple(name for name, spec in ALIASES.items() if spec.bundled_weights)
 
 
 def _is_vit_name(name: str) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BLOCK_SIZES, FLOAT_BITS, SOFTMAX_LEVELS, BitsSpec
 from clamp_export.quant.equalize import applied_equalization, apply_equalization
+from clamp_export.quant.fp16 import emulate_fp16_graph, to_fp16_grid
 from clamp_export.quant.math import (
     fake_quantize,
     fake_quantize_learned,
@@ -267,7 +268,7 @@ class Quantizer(nn.Module):
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """An activation as the graph holds it: in an FP16 graph, Q sees FP16 values."""
-        return x.half().float() if self.store_dtype == torch.float16 else x
+        return to_fp16_grid(x) if self.store_dtype == torch.float16 else x
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The fake-quantized terms whose products with the next operand sum to its product.
@@ -329,6 +330,8 @@ class _QuantWeighted(nn.Module):
         self.input_q = input_q
         self.weight_q = weight_q
         self.exporting = False
+        # the graph's float type: an FP16 graph stores each product and each bias add in FP16
+        self.round = to_fp16_grid if input_q.store_dtype == torch.float16 else _unchanged
 
     def prepare_export(self, dtype: torch.dtype) -> None:
         """Freeze the integer weights as buffers, so they trace to int8 initializers (a float
@@ -371,7 +374,11 @@ class QuantLinear(_QuantWeighted):
         if self.exporting:
             y = torch.matmul(x, self._export_weight())
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight_q.quantized_weight(self.weight), self.bias)
+        w = self.weight_q.quantized_weight(self.weight)
+        if self.round is _unchanged:
+            return F.linear(x, w, self.bias)
+        y = self.round(F.linear(x, w))  # MatMul, then Add: two FP16 results
+        return self.round(y + self.bias) if self.bias is not None else y
 
 
 class QuantConv2d(_QuantWeighted):
@@ -385,11 +392,10 @@ class QuantConv2d(_QuantWeighted):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_q.store_dtype == torch.float16 and not self.exporting:
-            x = x.half().float()  # an FP16 graph takes FP16 images
-        x = self.input_q(x)
+        x = self.input_q(self.round(x))  # an FP16 graph takes FP16 images
         w = self._export_weight() if self.exporting else self.weight_q.quantized_weight(self.weight)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.round(y)  # one Conv node, bias included
 
 
 class QuantAttention(nn.Module):
@@ -406,6 +412,7 @@ class QuantAttention(nn.Module):
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.norm = getattr(attn, "norm", nn.Identity())
         self.q, self.k, self.attn, self.v = make_act(), make_act(), make_act(fixed=True), make_act()
+        self.round = qkv.round  # each product, the scaling and the softmax are graph tensors
         self.on_output = None  # Stage 1 reads the head-averaged attn @ v through this hook
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -415,17 +422,22 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        q = self.q(q * self.scale)
+        r = self.round
+        q = self.q(r(q * self.scale))
         kt = self.k(k.transpose(-2, -1))
         vq = self.v(v)
-        parts = self.attn.parts((q @ kt).softmax(dim=-1))
-        x = parts[0] @ vq
+        parts = self.attn.parts(r(r(q @ kt).softmax(dim=-1)))
+        x = r(parts[0] @ vq)
         for p in parts[1:]:  # twin-uniform softmax output: one matmul per part
-            x = x + p @ vq
+            x = r(x + r(p @ vq))
         if self.on_output is not None:
             self.on_output(x)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj(self.norm(x))
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @torch.no_grad()
@@ -447,7 +459,8 @@ def wrap_model(
     coarse above: ``quant.math.twin_scale``) at the same bit count, fixed to cover [0, 1] and
     deployed as two Q/DQ'd parts, each in its own ``attn @ v`` matmul.
     Under an FP16 profile every float parameter and scale is rounded to FP16, as the deployed
-    graph stores them, so the fake-quant model computes what the engine computes.
+    graph stores them, and every tensor the graph stores is rounded where it stores it
+    (``quant.fp16``), so the fake-quant model computes what the engine computes.
     """
     from timm.models.vision_transformer import Attention
 
@@ -518,6 +531,8 @@ def wrap_model(
         layer = getattr(qmodel, head, None)
         if isinstance(layer, nn.Linear):
             setattr(qmodel, head, linear(layer, bits.edge, in_bits=bits.edge))
+    if store == torch.float16:
+        emulate_fp16_graph(qmodel)
     return qmodel.to(next(model.parameters()).device)  # the new quantizers join the model's device
 
 

@@ -16,6 +16,8 @@ import onnx
 import torch
 from torch import nn
 
+from clamp_export.runtime.fp16_rounding import explicit_fp16, is_fp16_graph
+
 PROBE_IMAGES = 64
 
 
@@ -60,6 +62,8 @@ def onnx_block_outputs(path: Path, x: torch.Tensor, depth: int) -> list[torch.Te
     elem = proto.graph.input[0].type.tensor_type.elem_type
     for name in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    if is_fp16_graph(proto):  # as ort-qdq runs it (runtime.fp16_rounding)
+        proto = explicit_fp16(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
     feed = {session.get_inputs()[0].name: x.numpy().astype(dtype)}

@@ -194,6 +194,13 @@ def _mixed_summary(qmodel, profile) -> dict:
 
 def _notes(bits: BitsSpec, target: str, qmodel: nn.Module) -> list[str]:
     notes = []
+    if target == "trt":
+        notes.append(
+            "The trt fake-quant model computes in its FP16 graph's arithmetic: every op's result "
+            "is rounded to FP16 where the graph stores it. ort-qdq runs that graph with the "
+            "rounding explicit, as ONNX Runtime's CPU EP would otherwise compute most of it in "
+            "FP32; its CPU latency is therefore no deployment figure."
+        )
     twin = any(q.twin for _, _, q in quantizers(qmodel))
     blocks = sorted({q.block for _, _, q in quantizers(qmodel) if q.block})
     if twin:

@@ -31,6 +31,22 @@ class TorchRunner:
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def _graph_for(path: Path | str, providers: list) -> str | bytes:
+    """The file, or, for an FP16 graph on the CPU EP alone, its copy with explicit FP16 rounding
+    (``fp16_rounding``): what the CPU EP would otherwise compute is neither the graph nor TensorRT."""
+    if providers != ["CPUExecutionProvider"]:
+        return os.fspath(path)
+    import onnx
+
+    from clamp_export.runtime.fp16_rounding import explicit_fp16, is_fp16_graph
+
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return os.fspath(path)  # ONNX Runtime says what is wrong with it
+    return explicit_fp16(proto).SerializeToString() if is_fp16_graph(proto) else os.fspath(path)
+
+
 class OrtRunner:
     """An ONNX Runtime session; ``threads`` caps intra-op threads (benchmarks pin it)."""
 
@@ -48,9 +64,10 @@ class OrtRunner:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(
-                os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"]
+                _graph_for(path, providers), opts, providers=providers
             )
         except Exception as e:
             raise UserError(f"ONNX Runtime cannot load {path}: {e}") from None
