@@ -34,6 +34,17 @@ class ModelSpec:
     bundled_weights: str | None = None  # file under REFERENCE_DIR
 
 
+def _fmnist_reference(name: str, **shape) -> ModelSpec:
+    """A Fashion-MNIST reference model: 28 px grey images in 4 px patches, 10 classes, its
+    weights bundled as NAME.safetensors."""
+    return ModelSpec(
+        "vit_tiny_patch16_224",
+        kwargs=dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, **shape),
+        preprocess=Preprocess(mean=FMNIST_MEAN, std=FMNIST_STD, input_size=(1, 28, 28)),
+        bundled_weights=f"{name}.safetensors",
+    )
+
+
 ALIASES: dict[str, ModelSpec] = {
     "deit_t": ModelSpec("deit_tiny_patch16_224"),
     "deit_s": ModelSpec("deit_small_patch16_224"),
@@ -44,39 +55,14 @@ ALIASES: dict[str, ModelSpec] = {
     "vit_s": ModelSpec("vit_small_patch16_224"),
     "vit_b": ModelSpec("vit_base_patch16_224"),
     # Reference model trained by scripts/train_fmnist_vit.py (DESIGN §7): 7x7 patch grid.
-    "fmnist_vit": ModelSpec(
-        "vit_tiny_patch16_224",
-        kwargs=dict(
-            img_size=28,
-            patch_size=4,
-            in_chans=1,
-            num_classes=10,
-            embed_dim=128,
-            depth=6,
-            num_heads=4,
-            mlp_ratio=2.0,
-        ),
-        preprocess=Preprocess(mean=FMNIST_MEAN, std=FMNIST_STD, input_size=(1, 28, 28)),
-        bundled_weights="fmnist_vit.safetensors",
+    "fmnist_vit": _fmnist_reference(
+        "fmnist_vit", embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0
     ),
     # Second reference model (scripts/train_fmnist_vit_reg4.sh), of another shape: 4 register
     # tokens beside the class token (5 prefix tokens), deeper and narrower, 6 heads of 16 dims,
     # MLP ratio 4. Defaults are kept only where they hold on both reference models.
-    "fmnist_vit_reg4": ModelSpec(
-        "vit_tiny_patch16_224",
-        kwargs=dict(
-            img_size=28,
-            patch_size=4,
-            in_chans=1,
-            num_classes=10,
-            embed_dim=96,
-            depth=8,
-            num_heads=6,
-            mlp_ratio=4.0,
-            reg_tokens=4,
-        ),
-        preprocess=Preprocess(mean=FMNIST_MEAN, std=FMNIST_STD, input_size=(1, 28, 28)),
-        bundled_weights="fmnist_vit_reg4.safetensors",
+    "fmnist_vit_reg4": _fmnist_reference(
+        "fmnist_vit_reg4", embed_dim=96, depth=8, num_heads=6, mlp_ratio=4.0, reg_tokens=4
     ),
 }
 
