@@ -217,8 +217,8 @@ def cell_key(
     }
     if softmax != "uniform":  # keys of cells measured before the option are unchanged
         key["softmax"] = softmax
-    if key["profile"]["float_dtype"] == "float16":  # FP16 arithmetic since SEARCH_NUMERICS 2
-        key["arithmetic"] = "fp16-graph"
+    if key["profile"]["float_dtype"] == "float16":  # FP16 arithmetic since SEARCH_NUMERICS 2,
+        key["arithmetic"] = "fp16-graph+int8-kernels"  # integer matmuls and conv since 3
     return key if search is None else {**key, "search": search.to_dict()}
 
 

@@ -24,6 +24,7 @@ from clamp_export.quant.fp16 import emulate_fp16_graph, to_fp16_grid
 from clamp_export.quant.math import (
     fake_quantize,
     fake_quantize_learned,
+    integer_product,
     level_range,
     params_from_range,
     quantize,
@@ -206,6 +207,19 @@ class Quantizer(nn.Module):
             t = (twin_levels(self.bits) - 0.5) * float(self.scale)
             self._twin_threshold = float(torch.tensor(t).to(self.store_dtype))
 
+    def max_level(self) -> int:
+        """The largest |level| the graph writes at this point: the integer GEMM's range."""
+        if self.is_weight:  # weights are symmetric: zero-point 0 (``_DQWeight``)
+            return max(-self.qmin, self.qmax)
+        z, lo, hi = self.graph_levels()
+        return max(abs(lo - z), abs(hi - z))
+
+    def part_scales(self) -> tuple[torch.Tensor, ...]:
+        """The scale of each of ``parts``' terms: a twin quantizer's coarse grid is n fine steps."""
+        if not (self.twin and self.mode == "quant"):
+            return (self.scale,)
+        return self.scale, self.scale * twin_levels(self.bits)
+
     def point(self) -> QuantPoint:
         if self.slides:
             _, lo, hi = self.graph_levels()
@@ -320,6 +334,38 @@ class Quantizer(nn.Module):
         return f"{kind}{self.bits}, axis={self.axis}{block}, mode={self.mode}"
 
 
+def _integer_gemm(*points: Quantizer) -> bool:
+    """Whether a product of operands fake-quantized by ``points`` runs as the FP16 graph's INT8
+    GEMM does (``quant.math.integer_matmul``): in an FP16 graph, between integer points, outside
+    autograd. The scale refinement's gradients take the float product, which differs from it in
+    summation order only."""
+    return not torch.is_grad_enabled() and all(
+        q.mode == "quant"
+        and not q.exporting  # the graph writes a MatMul of DequantizeLinear outputs
+        and q.store_dtype == torch.float16
+        and not q.is_float
+        and q.block is None
+        and q.log_scale is None
+        for q in points
+    )
+
+
+def _matmul(
+    a: torch.Tensor,
+    qa: Quantizer,
+    b: torch.Tensor,
+    qb: Quantizer,
+    scale_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``a @ b`` of operands fake-quantized by ``qa`` and ``qb`` (``scale_a``: one of a twin
+    quantizer's part scales), in the deployed graph's arithmetic."""
+    if not _integer_gemm(qa, qb):
+        return a @ b
+    sa = qa.scale if scale_a is None else scale_a  # a dequantized value is level x FP16 scale,
+    bound = qa.max_level() * qb.max_level() * a.shape[-1]  # so the division is exact
+    return integer_product(torch.matmul, a / sa, b / qb.scale, sa * qb.scale, bound)
+
+
 class _QuantWeighted(nn.Module):
     """Shared plumbing of QuantLinear / QuantConv2d: input and weight quantizers, export weights."""
 
@@ -377,7 +423,7 @@ class QuantLinear(_QuantWeighted):
         w = self.weight_q.quantized_weight(self.weight)
         if self.round is _unchanged:
             return F.linear(x, w, self.bias)
-        y = self.round(F.linear(x, w))  # MatMul, then Add: two FP16 results
+        y = self.round(_matmul(x, self.input_q, w.t(), self.weight_q))  # MatMul, then Add
         return self.round(y + self.bias) if self.bias is not None else y
 
 
@@ -393,9 +439,29 @@ class QuantConv2d(_QuantWeighted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_q(self.round(x))  # an FP16 graph takes FP16 images
-        w = self._export_weight() if self.exporting else self.weight_q.quantized_weight(self.weight)
-        y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.exporting:
+            y = F.conv2d(x, self._export_weight(), self.bias, *self._geometry())
+        elif _integer_gemm(self.input_q, self.weight_q):
+            y = self._integer_conv(x, self.weight_q.quantized_weight(self.weight))
+        else:
+            w = self.weight_q.quantized_weight(self.weight)
+            y = F.conv2d(x, w, self.bias, *self._geometry())
         return self.round(y)  # one Conv node, bias included
+
+    def _geometry(self) -> tuple:
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def _integer_conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The INT8 conv (``_matmul``'s arithmetic), then its bias in the same FP32 epilogue."""
+        qx, qw = self.input_q, self.weight_q
+        sw = qw.scale.reshape(-1, 1, 1, 1)
+        bound = qx.max_level() * qw.max_level() * w[0].numel()
+
+        def conv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(a, b, None, *self._geometry())
+
+        y = integer_product(conv, x / qx.scale, w / sw, (qx.scale * sw).reshape(1, -1, 1, 1), bound)
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
 
 class QuantAttention(nn.Module):
@@ -408,6 +474,8 @@ class QuantAttention(nn.Module):
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.scale = attn.scale
+        if qkv.input_q.store_dtype == torch.float16:  # the FP16 graph's constant: 1/sqrt(32)
+            self.scale = float(torch.tensor(attn.scale).half())  # is 0.17676, not 0.17678
         self.qkv, self.proj = qkv, proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.norm = getattr(attn, "norm", nn.Identity())
@@ -426,10 +494,15 @@ class QuantAttention(nn.Module):
         q = self.q(r(q * self.scale))
         kt = self.k(k.transpose(-2, -1))
         vq = self.v(v)
-        parts = self.attn.parts(r(r(q @ kt).softmax(dim=-1)))
-        x = r(parts[0] @ vq)
-        for p in parts[1:]:  # twin-uniform softmax output: one matmul per part
-            x = r(x + r(p @ vq))
+        parts = self.attn.parts(r(r(_matmul(q, self.q, kt, self.k)).softmax(dim=-1)))
+        # twin-uniform softmax output: one matmul per part, on its own grid
+        products = [
+            r(_matmul(p, self.attn, vq, self.v, s))
+            for p, s in zip(parts, self.attn.part_scales(), strict=True)
+        ]
+        x = products[0]
+        for p in products[1:]:
+            x = r(x + p)
         if self.on_output is not None:
             self.on_output(x)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)

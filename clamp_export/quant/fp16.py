@@ -8,7 +8,10 @@ agreement between the FP16 graph and an FP32-arithmetic fake-quant model on ``fm
 W4A4), so the fake-quant model rounds at those points too, and the search and the scale
 refinement optimize what is deployed. Each op itself runs in FP32 and its result is rounded once,
 which is what ONNX Runtime's CPU kernels do with FP16 tensors (they compute in FP32). Rounding, not
-``model.half()``: half-precision matmuls on these CPUs are slower than FP32 ones.
+``model.half()``: half-precision matmuls on these CPUs are slower than FP32 ones. The matmuls and
+the conv between quant points sum their integer levels exactly, as TensorRT's INT8 kernels do
+(``fakequant._matmul``): a float sum's order is each kernel's own, and one ulp of it moves a
+4-bit level downstream.
 
 Rounding applies to FP32 tensors only: the exported copy runs in real FP16 while it is traced, and
 then every rounding step is a no-op that writes no node.

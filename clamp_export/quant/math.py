@@ -7,6 +7,8 @@ exported graph. Everything here is plain tensor math: no modules, no state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -153,3 +155,27 @@ def twin_split(
     """
     fine = torch.where(x < threshold, x, 0.0)
     return fine, x - fine
+
+
+_FP32_EXACT = 2**24  # every integer of smaller magnitude is an FP32 value
+
+
+def integer_product(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    levels_a: torch.Tensor,
+    levels_b: torch.Tensor,
+    scale: torch.Tensor,
+    bound: int,
+) -> torch.Tensor:
+    """A matmul or conv of two quantized operands as an INT8 kernel computes it.
+
+    The levels' products are summed exactly (an int32 accumulator), converted to float once and
+    scaled once by ``scale`` (the two operands' scales multiplied: exact for FP16 scales). A float
+    kernel on the dequantized values rounds every partial sum instead, in an order that differs
+    between torch and each runtime; in an FP16 graph that one-ulp difference moves 4-bit levels
+    downstream. ``bound`` (|level a| * |level b| * summed terms, at most) picks an FP64 sum where
+    FP32 could not hold every partial sum exactly; it is then converted as int32 → float is.
+    """
+    if bound < _FP32_EXACT:
+        return product(levels_a, levels_b) * scale
+    return product(levels_a.double(), levels_b.double()).float() * scale

@@ -197,9 +197,11 @@ def _notes(bits: BitsSpec, target: str, qmodel: nn.Module) -> list[str]:
     if target == "trt":
         notes.append(
             "The trt fake-quant model computes in its FP16 graph's arithmetic: every op's result "
-            "is rounded to FP16 where the graph stores it. ort-qdq runs that graph with the "
-            "rounding explicit, as ONNX Runtime's CPU EP would otherwise compute most of it in "
-            "FP32; its CPU latency is therefore no deployment figure."
+            "is rounded to FP16 where the graph stores it, and every matmul and conv between "
+            "quant points sums its integer levels exactly, as TensorRT's INT8 kernels do. "
+            "ort-qdq runs that graph with the rounding explicit and those products on "
+            "MatMulInteger / ConvInteger, as ONNX Runtime's CPU EP would otherwise compute most "
+            "of it in FP32; its CPU latency is therefore no deployment figure."
         )
     twin = any(q.twin for _, _, q in quantizers(qmodel))
     blocks = sorted({q.block for _, _, q in quantizers(qmodel) if q.block})

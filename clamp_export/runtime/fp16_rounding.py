@@ -11,10 +11,16 @@ passes through Cast(FLOAT16) → Cast(FLOAT): the CPU EP then computes each op i
 its result once, as the typed graph says. Two exceptions, both where TensorRT fuses:
 DequantizeLinear outputs stay exact (the integer matmul that consumes them never materializes
 them), and ops that only move data need no rounding (their input is rounded already).
+
+A MatMul or Conv of two DequantizeLinear outputs runs on their integers (MatMulInteger /
+ConvInteger, then one FP32 scale and bias): the INT8 kernel TensorRT runs there, with its exact
+int32 sum. The fake-quant model computes the same (``quant.math.integer_product``); a float
+kernel's summation order differs from torch's and moves a 4-bit level now and then.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -46,6 +52,78 @@ def _to_fp32(t: onnx.TensorProto) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name)
 
 
+def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+# the float ops TensorRT runs as INT8 kernels when both operands are dequantized, and the axis
+# of the second operand (a constant weight) that may carry one scale per output channel
+_INTEGER_OPS = {"MatMul": ("MatMulInteger", 1), "Conv": ("ConvInteger", 0)}
+
+
+def _integer_kernels(g: onnx.GraphProto) -> None:
+    """Run every MatMul / Conv of two dequantized operands on their integers, in place.
+
+    ``op(DQ(qa), DQ(qb)[, bias])`` becomes ``Cast(opInteger(qa, qb)) * (sa * sb) [+ bias]``,
+    the exact int32 sum scaled in one FP32 epilogue, as ``quant.math.integer_product`` computes.
+    A DequantizeLinear left without consumers goes, with its constants.
+    """
+    consts = _constants(g)
+    dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+
+    def operand(name: str, channel_axis: int | None) -> tuple[str, str, np.ndarray] | None:
+        """(integers, zero-point or "", scale) of a dequantized operand with a scale the
+        epilogue can apply: one scalar, or one per output channel of a constant weight."""
+        n = dq.get(name)
+        if n is None or n.input[1] not in consts:
+            return None
+        scale = consts[n.input[1]].astype(np.float32)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        if scale.size > 1 and not (channel_axis == axis and n.input[0] in consts):
+            return None
+        zp = n.input[2] if len(n.input) > 2 else ""
+        if zp in consts and not consts[zp].any():  # ConvInteger takes no per-channel zeros
+            zp = ""
+        return n.input[0], zp, scale
+
+    nodes, added = [], []
+    for n in g.node:
+        integer_op, channel_axis = _INTEGER_OPS.get(n.op_type, (None, None))
+        a = operand(n.input[0], None) if integer_op else None
+        b = operand(n.input[1], channel_axis) if a else None
+        if b is None:
+            nodes.append(n)
+            continue
+        (qa, za, sa), (qb, zb, sb) = a, b
+        y, bias = n.output[0], n.input[2] if len(n.input) > 2 else ""
+        scale = sa * sb  # two FP16 values: their FP32 product is exact
+        if n.op_type == "Conv":  # one scale per output channel of [N, C, H, W]
+            scale = scale.reshape(-1, 1, 1)
+        added.append(numpy_helper.from_array(scale, f"{y}__scale"))
+        kernel = helper.make_node(integer_op, [qa, qb, za, zb], [f"{y}__int32"])
+        kernel.attribute.extend(n.attribute)
+        scaled = f"{y}__scaled" if bias else y
+        nodes += [
+            kernel,
+            helper.make_node("Cast", [f"{y}__int32"], [f"{y}__acc"], to=_F32),
+            helper.make_node("Mul", [f"{y}__acc", f"{y}__scale"], [scaled]),
+        ]
+        if bias:
+            added.append(numpy_helper.from_array(consts[bias].reshape(-1, 1, 1), f"{y}__bias"))
+            nodes.append(helper.make_node("Add", [scaled, f"{y}__bias"], [y]))
+    for dropped in ("DequantizeLinear", "Constant"):  # the second: the zero-points they took
+        used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+        nodes = [n for n in nodes if n.op_type != dropped or n.output[0] in used]
+    kept = [i for i in g.initializer if i.name in used] + added
+    del g.node[:], g.initializer[:]
+    g.node.extend(nodes)
+    g.initializer.extend(kept)
+
+
 def is_fp16_graph(proto: onnx.ModelProto) -> bool:
     return proto.graph.input[0].type.tensor_type.elem_type == _F16
 
@@ -67,6 +145,7 @@ def explicit_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     inp, outputs = g.input[0].name, [o.name for o in g.output]
     rename = {v: f"{v}__f32" for v in [inp, *outputs]}  # FP32 inside, FP16 at both ends
     fp16_values = {rename.get(v, v) for v in fp16_values}
+    _integer_kernels(g)
     nodes = [helper.make_node("Cast", [inp], [rename[inp]], to=_F32)]
     for node in g.node:
         node.input[:] = [rename.get(i, i) for i in node.input]

@@ -37,7 +37,9 @@ from clamp_export.synth import SynthConfig, synthesize
 
 # Bump whenever the search gives other parameters for the same recipe (a fix, a new default in
 # the numerics): stored entries of the old numerics are then never reused.
-SEARCH_NUMERICS_VERSION = 2  # 2: the trt profile rounds where its FP16 graph stores tensors
+# 2: the trt profile rounds where its FP16 graph stores tensors; 3: and sums its Q/DQ'd matmuls and
+# conv on integers, as INT8 kernels do
+SEARCH_NUMERICS_VERSION = 3
 QPARAMS, SEARCH_JSON = "qparams.json", "search.json"
 
 
