@@ -54,6 +54,11 @@ def main() -> None:
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--search-preset", default="fast")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument(
+        "--no-search",
+        action="store_true",
+        help="forward passes only (they interleave; searches do not)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "fp16_cost.json")
     args = ap.parse_args()
     trt = get_profile("trt")
@@ -71,9 +76,9 @@ def main() -> None:
         for _ in range(3):  # interleaved, so load changes hit both alike
             for k, m in models.items():
                 fwd[k].append(_forward_ms(m, x, args.rounds))
-        search = {}
+        search: dict[str, float | None] = {k: None for k in models}
         cfg = preset(args.search_preset, bits, refine_steps=20, equalize=False)
-        for k, m in models.items():
+        for k, m in {} if args.no_search else models.items():
             t = time.perf_counter()
             header = {"model": name, "target": "trt", "bits": args.bits}
             run_search(
@@ -85,15 +90,17 @@ def main() -> None:
             "forward_ms": {k: statistics.median(v) for k, v in fwd.items()},
             "search_s": search,
         }
+        s16, s32 = search["fp16 arithmetic"], search["fp32 arithmetic"]
+        timed = s16 is not None and s32 is not None
         rows.append(
             [
                 name,
                 f"{f32:.1f}",
                 f"{f16:.1f}",
                 f"{f16 / f32:.2f}x",
-                f"{search['fp32 arithmetic']:.0f}",
-                f"{search['fp16 arithmetic']:.0f}",
-                f"{search['fp16 arithmetic'] / search['fp32 arithmetic']:.2f}x",
+                f"{s32:.0f}" if timed else "-",
+                f"{s16:.0f}" if timed else "-",
+                f"{s16 / s32:.2f}x" if timed else "-",
             ]
         )
     print(f"\n{args.bits} trt fake-quant, batch 32, {torch.get_num_threads()} threads")
@@ -113,7 +120,7 @@ def main() -> None:
         args.out,
         {
             "bits": args.bits,
-            "search_preset": args.search_preset,
+            "search_preset": None if args.no_search else args.search_preset,
             "threads": torch.get_num_threads(),
             "results": results,
             "versions": versions(),
