@@ -2,7 +2,10 @@
 time with every FP16 result rounded (the profile) against the same profile computed in FP32.
 
 Both variants run in one process, interleaved, on the same 32 noise images (the search's batch),
-so the ratio is what to read; absolute times move with the machine's load.
+so the ratio is what to read. Times are this process's CPU time (run it with one thread:
+``OMP_NUM_THREADS=1``), which other processes on the machine barely move, where wall time
+doubles when a second job shares the core; a search cannot be interleaved, so this is what makes
+its ratio readable on a busy machine.
 
     .venv/bin/python benchmarks/fp16_cost.py [--models fmnist_vit,fmnist_vit_reg4] [--bits w4a4]
 
@@ -40,9 +43,9 @@ def _forward_ms(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
     times = []
     with torch.inference_mode():
         for _ in range(rounds):
-            t = time.perf_counter()
+            t = time.process_time()
             model(x)
-            times.append(1000 * (time.perf_counter() - t))
+            times.append(1000 * (time.process_time() - t))
     return statistics.median(times)
 
 
@@ -79,12 +82,12 @@ def main() -> None:
         search: dict[str, float | None] = {k: None for k in models}
         cfg = preset(args.search_preset, bits, refine_steps=20, equalize=False)
         for k, m in {} if args.no_search else models.items():
-            t = time.perf_counter()
+            t = time.process_time()
             header = {"model": name, "target": "trt", "bits": args.bits}
             run_search(
                 loaded.model, m, x, cfg, header, loaded.preprocess.pixel_bounds(), progress=False
             )
-            search[k] = time.perf_counter() - t
+            search[k] = time.process_time() - t
         f16, f32 = (statistics.median(fwd[k]) for k in variants)
         results[name] = {
             "forward_ms": {k: statistics.median(v) for k, v in fwd.items()},
@@ -103,7 +106,7 @@ def main() -> None:
                 f"{s16 / s32:.2f}x" if timed else "-",
             ]
         )
-    print(f"\n{args.bits} trt fake-quant, batch 32, {torch.get_num_threads()} threads")
+    print(f"\n{args.bits} trt fake-quant, batch 32, {torch.get_num_threads()} threads, CPU time")
     print_table(
         [
             "model",
@@ -122,6 +125,7 @@ def main() -> None:
             "bits": args.bits,
             "search_preset": None if args.no_search else args.search_preset,
             "threads": torch.get_num_threads(),
+            "clock": "process CPU time",
             "results": results,
             "versions": versions(),
         },
