@@ -336,7 +336,7 @@ class Quantizer(nn.Module):
 
 def _integer_gemm(*points: Quantizer) -> bool:
     """Whether a product of operands fake-quantized by ``points`` runs as the FP16 graph's INT8
-    GEMM does (``quant.math.integer_matmul``): in an FP16 graph, between integer points, outside
+    GEMM does (``quant.math.integer_product``): in an FP16 graph, between integer points, outside
     autograd. The scale refinement's gradients take the float product, which differs from it in
     summation order only."""
     return not torch.is_grad_enabled() and all(

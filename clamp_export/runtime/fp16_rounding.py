@@ -61,8 +61,9 @@ def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
 
 
 # the float ops TensorRT runs as INT8 kernels when both operands are dequantized, and the axis
-# of the second operand (a constant weight) that may carry one scale per output channel
-_INTEGER_OPS = {"MatMul": ("MatMulInteger", 1), "Conv": ("ConvInteger", 0)}
+# of the second operand (a constant weight) that may carry one scale per output channel: a
+# MatMul's last (its columns), a Conv's first
+_INTEGER_OPS = {"MatMul": ("MatMulInteger", -1), "Conv": ("ConvInteger", 0)}
 
 
 def _integer_kernels(g: onnx.GraphProto) -> None:
@@ -83,8 +84,14 @@ def _integer_kernels(g: onnx.GraphProto) -> None:
             return None
         scale = consts[n.input[1]].astype(np.float32)
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-        if scale.size > 1 and not (channel_axis == axis and n.input[0] in consts):
-            return None
+        if scale.size > 1:
+            weight = consts.get(n.input[0])
+            if (
+                weight is None
+                or channel_axis is None
+                or axis % weight.ndim != channel_axis % weight.ndim
+            ):
+                return None
         zp = n.input[2] if len(n.input) > 2 else ""
         if zp in consts and not consts[zp].any():  # ConvInteger takes no per-channel zeros
             zp = ""
