@@ -439,14 +439,10 @@ class QuantConv2d(_QuantWeighted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_q(self.round(x))  # an FP16 graph takes FP16 images
-        if self.exporting:
-            y = F.conv2d(x, self._export_weight(), self.bias, *self._geometry())
-        elif _integer_gemm(self.input_q, self.weight_q):
-            y = self._integer_conv(x, self.weight_q.quantized_weight(self.weight))
-        else:
-            w = self.weight_q.quantized_weight(self.weight)
-            y = F.conv2d(x, w, self.bias, *self._geometry())
-        return self.round(y)  # one Conv node, bias included
+        w = self._export_weight() if self.exporting else self.weight_q.quantized_weight(self.weight)
+        if _integer_gemm(self.input_q, self.weight_q):  # never while exporting
+            return self.round(self._integer_conv(x, w))
+        return self.round(F.conv2d(x, w, self.bias, *self._geometry()))  # one Conv node
 
     def _geometry(self) -> tuple:
         return self.stride, self.padding, self.dilation, self.groups
