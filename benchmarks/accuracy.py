@@ -40,6 +40,7 @@ from clamp_export import atomic  # noqa: E402
 from clamp_export.quant.bits import BitsSpec  # noqa: E402
 from clamp_export.quant.targets import get_profile  # noqa: E402
 from clamp_export.search import preset as search_preset  # noqa: E402
+from clamp_export.search.config import REFINE_SHIFT, REFINE_STEPS  # noqa: E402
 from clamp_export.versions import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,6 +60,8 @@ CLAMP = {
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness
     "clamp-L_O-only": ("clamp", {"fitness": "output"}),
+    # L_C2 alone at every bit-width: the default at 8-bit activations before L_O joined it there
+    "clamp-L_C2-only": ("clamp", {"fitness": "contrastive"}),
     # the previous default: the scale refinement for 100 steps on the unshifted Stage 1 images
     "clamp-unshifted-refine": ("clamp", {"refine_steps": 100, "refine_shift": 0.0}),
     # the default before the scale refinement, and the same ablations on top of it
@@ -71,6 +74,10 @@ CLAMP = {
     # the same search on the 32 real training images: does synthetic data limit the search?
     "clamp-no-equalize-on-real": ("real", {**SEARCH_ONLY, "equalize": False}),
     "clamp-no-channel-scan": ("clamp", LEGACY),
+    # the 8-bit diagnostics: no coarse activation-scale scan; the scale refinement (on below
+    # 8-bit activations) turned on at 8 bits too
+    "clamp-no-act-scan": ("clamp", {"scan": ()}),
+    "clamp-refine": ("clamp", {"refine_steps": REFINE_STEPS, "refine_shift": REFINE_SHIFT}),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
     "clamp-legacy-L_C2+L_O-no-cyclic": ("clamp", {**LEGACY, "fitness": "both", "cyclic": False}),
