@@ -41,9 +41,7 @@ def block_outputs(model: torch.nn.Module, images: torch.Tensor) -> tuple[list, t
     return stages.tail(model, stages.embed(model, images), 0)
 
 
-def measure(model: str, bits: str, target: str, tau: float) -> dict:
-    loaded = load_model(model)
-    images, _ = calibration_images(loaded, "clamp", 32, 0)
+def measure(loaded, images: torch.Tensor, bits: str, target: str, tau: float) -> dict:
     search = preset("default", BitsSpec.parse(bits), seed=0)  # decides the equalization
     fp, qm = searchable_model(loaded, bits, target, images, "minmax", search)
     set_mode(qm, "quant")
@@ -52,7 +50,7 @@ def measure(model: str, bits: str, target: str, tau: float) -> dict:
     floor = [float(local_contrastive(f, f, tau)) for f in fp_outs]
     quant = [float(local_contrastive(q, f, tau)) for q, f in zip(q_outs, fp_outs, strict=True)]
     return {
-        "model": model,
+        "model": loaded.name,
         "bits": bits,
         "target": target,
         "floor": floor,
@@ -70,11 +68,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "contrastive_floor.json")
     args = ap.parse_args()
     tau = preset("default").tau
-    rows = [
-        measure(m, b, args.target, tau)
-        for m in args.models.split(",")
-        for b in args.bits.split(",")
-    ]
+    rows = []
+    for name in args.models.split(","):  # one model load and Stage 1 set for all its bit-widths
+        loaded = load_model(name)
+        images, _ = calibration_images(loaded, "clamp", 32, 0)
+        rows += [measure(loaded, images, b, args.target, tau) for b in args.bits.split(",")]
     print_table(
         ["model", "bits", "L_C2 − floor per block (×1000)", "min", "max", "L_O"],
         [
