@@ -60,6 +60,8 @@ CLAMP = {
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness
     "clamp-L_O-only": ("clamp", {"fitness": "output"}),
+    # L_C2 alone at every bit-width: the default at 8-bit activations before L_O joined it there
+    "clamp-L_C2-only": ("clamp", {"fitness": "contrastive"}),
     # the previous default: the scale refinement for 100 steps on the unshifted Stage 1 images
     "clamp-unshifted-refine": ("clamp", {"refine_steps": 100, "refine_shift": 0.0}),
     # the default before the scale refinement, and the same ablations on top of it

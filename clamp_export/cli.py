@@ -160,8 +160,8 @@ _RECIPE_OPTIONS = [
     click.option(
         "--fitness",
         type=click.Choice(FITNESS),
-        help="Stage 2 fitness: contrastive (L_C2, the presets' default), both (L_C2 + L_O, the "
-        "paper's) or output (L_O).",
+        help="Stage 2 fitness: contrastive (L_C2, the presets' default below 8-bit activations), "
+        "both (L_C2 + L_O, the paper's; the default at 8-bit activations) or output (L_O).",
     ),
     click.option("--resume", is_flag=True, help="Continue the search checkpointed in --out."),
     click.option(

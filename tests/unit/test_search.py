@@ -162,12 +162,20 @@ def test_shifted_refinement_is_deterministic_per_seed():
 
 
 @pytest.mark.parametrize(
-    ("bits", "low"), [("w4a4", True), ("w4a6", True), ("w4a8", False), ("mp:4.7", False)]
+    ("bits", "low", "fitness"),
+    [
+        ("w4a4", True, "contrastive"),
+        ("w4a6", True, "contrastive"),
+        ("w4a8", False, "both"),  # L_C2 saturates at 8-bit activations: L_O joins it
+        ("w8a8", False, "both"),
+        ("mp:4.7", False, "contrastive"),  # mixed precision: not measured, L_C2 kept
+    ],
 )
-def test_presets_equalize_and_refine_below_8_bit_activations(bits, low):
+def test_presets_equalize_and_refine_below_8_bit_activations(bits, low, fitness):
     cfg = preset("default", BitsSpec.parse(bits))
-    expected = (True, REFINE_STEPS, REFINE_SHIFT) if low else (False, 0, 0.0)
-    assert (cfg.equalize, cfg.refine_steps, cfg.refine_shift) == expected
+    expected = (True, REFINE_STEPS, REFINE_SHIFT, fitness) if low else (False, 0, 0.0, fitness)
+    assert (cfg.equalize, cfg.refine_steps, cfg.refine_shift, cfg.fitness) == expected
+    assert preset("default", BitsSpec.parse(bits), fitness="output").fitness == "output"
     assert ("refine_steps" in cfg.to_dict()) == low  # records made before the field keep their keys
     assert ("refine_shift" in cfg.to_dict()) == low
     assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
