@@ -78,6 +78,8 @@ CLAMP = {
     # 8-bit activations) turned on at 8 bits too
     "clamp-no-act-scan": ("clamp", {"scan": ()}),
     "clamp-refine": ("clamp", {"refine_steps": REFINE_STEPS, "refine_shift": REFINE_SHIFT}),
+    # twice the default refinement below 8-bit activations: does the deeper model want more?
+    "clamp-refine-600": ("clamp", {"refine_steps": 2 * REFINE_STEPS}),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
     "clamp-legacy-L_C2+L_O-no-cyclic": ("clamp", {**LEGACY, "fitness": "both", "cyclic": False}),
