@@ -13,8 +13,8 @@ from clamp_export.checks import require_finite
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BitsSpec
 
-# L_C2 alone (the default below 8-bit activations), the paper's L_C2 + L_O (the default at A8:
-# preset), and L_O alone; benchmarks/accuracy.py measures all
+# L_C2 alone (the default below 8-bit activations), the paper's L_C2 + L_O (the default at
+# uniform 8-bit activations, see ``preset``), and L_O alone; benchmarks/accuracy.py measures all
 FITNESS = ("contrastive", "both", "output")
 
 

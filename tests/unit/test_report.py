@@ -46,12 +46,16 @@ def test_interleaved_timing_gives_a_paired_speedup_over_the_baseline():
     assert "speedup" not in out["slow"]
 
 
-def _report(top1, agreement, ratio):
+def _report(top1, agreement, ratio, logit_error=0.02):
     return {
         "backends": {
             "torch-fp32": {"top1": 0.90, "agreement": 0.99, "logit_error": {"mean_abs": 0.1}},
             "torch-fakequant": {"top1": top1, "agreement": 1.0, "logit_error": {"mean_abs": 0}},
-            "ort-qdq": {"top1": top1, "agreement": agreement, "logit_error": {"mean_abs": 0.02}},
+            "ort-qdq": {
+                "top1": top1,
+                "agreement": agreement,
+                "logit_error": {"mean_abs": logit_error},
+            },
         },
         "latency": {"8": {"ort-qdq": {"speedup": {"over": "ort-fp32", "ratio": ratio}}}},
     }
@@ -68,17 +72,19 @@ def test_gates_pass_and_fail_on_the_measured_values():
         "max-mean-logit-error[ort-qdq]",
         "min-speedup[ort-qdq@8]",
     }
-    bad = {g.name: g for g in evaluate(gates, _report(0.88, 0.98, 1.1)) if not g.passed}
+    bad = {g.name: g for g in evaluate(gates, _report(0.88, 0.98, 1.1, 0.08)) if not g.passed}
     assert set(bad) == {
         "max-top1-drop[torch-fakequant]",
         "max-top1-drop[ort-qdq]",
         "min-agreement[ort-qdq]",
+        "max-mean-logit-error[ort-qdq]",
         "min-speedup[ort-qdq@8]",
     }
+    assert "mean |logit error| 0.08 (limit 0.05)" in bad["max-mean-logit-error[ort-qdq]"].message
     assert "2.00 pt below FP32 (limit 0.5)" in bad["max-top1-drop[ort-qdq]"].message
     xml = ET.fromstring(junit_xml([*bad.values(), GateResult("x", True, "fine")], "suite"))
-    assert xml.get("tests") == "5" and xml.get("failures") == "4"
-    assert len(xml.findall("testcase/failure")) == 4
+    assert xml.get("tests") == "6" and xml.get("failures") == "5"
+    assert len(xml.findall("testcase/failure")) == 5
 
 
 @pytest.mark.parametrize(
