@@ -64,6 +64,9 @@ class SearchConfig:
     # the refinement's largest random image shift per step, as a fraction of the image side;
     # preset(bits=...) sets it with refine_steps. Configs stored without it had none.
     refine_shift: float = 0.0
+    # weight of the block-output error beside the logit KL in the refinement (refine.feature_loss);
+    # 0 = logits only, as configs stored without the field had
+    refine_features: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fitness not in FITNESS:
@@ -73,6 +76,8 @@ class SearchConfig:
         if min(self.passes, self.cycles, self.population) < 1 or self.tournament < 1:
             raise UserError("passes, cycles, population and tournament must be at least 1")
         require_finite(self, "search", positive=("tau", "scan", "channel_scan"))
+        if self.refine_features < 0:
+            raise UserError(f"refine_features must be >= 0, got {self.refine_features}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,9 +85,11 @@ class SearchConfig:
         if not d["equalize"]:
             del d["equalize"]
         if not d["refine_steps"]:
-            del d["refine_steps"], d["refine_lr"], d["refine_shift"]
-        elif not d["refine_shift"]:
-            del d["refine_shift"]
+            del d["refine_steps"], d["refine_lr"], d["refine_shift"], d["refine_features"]
+        else:
+            for key in ("refine_shift", "refine_features"):
+                if not d[key]:
+                    del d[key]
         return d
 
     def to_json(self) -> str:

@@ -14,6 +14,8 @@ help on fmnist_vit (README).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,25 @@ BACKWARD_ELEMENTS = 4_000_000
 
 def _kl(q_logits: torch.Tensor, fp_probs: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(q_logits, dim=-1), fp_probs, reduction="batchmean")
+
+
+@contextmanager
+def block_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Every forward pass inside appends each block's output, in order, to the yielded list."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.blocks]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def feature_loss(q_feats: list[torch.Tensor], fp_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of each block output's squared error relative to its float energy: the
+    logits of 32 images say little about where inside a deep model the error starts."""
+    terms = [((q - f) ** 2).mean() / (f**2).mean() for q, f in zip(q_feats, fp_feats, strict=True)]
+    return torch.stack(terms).mean()
 
 
 def images_per_backward(qmodel: nn.Module) -> int:
@@ -70,18 +91,30 @@ def refine_scales(
     cfg: SearchConfig,
     progress: bool = True,
 ) -> dict:
-    """Adam on every log-scale of ``qmodel`` (in place) for KL(FP || Q) on shifted ``images``.
+    """Adam on every log-scale of ``qmodel`` (in place) for KL(FP || Q) on shifted ``images``,
+    plus ``cfg.refine_features`` times ``feature_loss`` on the block outputs where it is set.
 
     ``cfg.refine_steps`` steps at ``cfg.refine_lr``; ``cfg.refine_shift`` is the largest shift as
     a fraction of the image side (0: the images as they are), the shifts drawn from ``cfg.seed``.
     Full batch (its gradient summed over ``images_per_backward`` chunks where the model is
     large) and seeded shifts, so a run is deterministic. Returns the record for
-    ``search.json``: the KL on the unshifted images before and after, and the time.
+    ``search.json``: the KL (and the feature loss, where it is on) on the unshifted images before
+    and after, and the time.
     """
     t0 = time.time()
+    features = cfg.refine_features > 0
     with torch.no_grad():
-        fp_probs = F.softmax(fp_model(images), dim=-1)
-        before = float(_kl(qmodel(images), fp_probs))
+        with block_outputs(fp_model) as fp_unshifted:
+            fp_probs = F.softmax(fp_model(images), dim=-1)
+
+        def losses(stage: str) -> dict:
+            with block_outputs(qmodel) as q_feats:
+                out = {f"kl_{stage}": float(_kl(qmodel(images), fp_probs))}
+            if features:
+                out[f"features_{stage}"] = float(feature_loss(q_feats, fp_unshifted))
+            return out
+
+        before = losses("before")
     gen = torch.Generator().manual_seed(cfg.seed)
     max_shift = shift_pixels(images, cfg.refine_shift)
     frozen = [p for p in qmodel.parameters() if p.requires_grad]
@@ -92,17 +125,23 @@ def refine_scales(
             opt = torch.optim.Adam(log_scales, lr=cfg.refine_lr)
             chunk = images_per_backward(qmodel)
             batch, targets = images, fp_probs
+            fp_feats = [f.split(chunk) for f in fp_unshifted]
             for _ in progress_bar(
                 range(cfg.refine_steps), desc="refine scales", disable=not progress, leave=False
             ):
                 opt.zero_grad(set_to_none=True)
                 if max_shift:
                     batch = shifted(images, max_shift, gen)
-                    with torch.no_grad():
+                    with torch.no_grad(), block_outputs(fp_model) as outs:
                         targets = F.softmax(fp_model(batch), dim=-1)
+                    fp_feats = [f.split(chunk) for f in outs]
                 parts = list(zip(batch.split(chunk), targets.split(chunk), strict=True))
-                for x, p in parts:
-                    loss = _kl(qmodel(x), p)
+                for i, (x, p) in enumerate(parts):
+                    with block_outputs(qmodel) if features else nullcontext([]) as q_feats:
+                        loss = _kl(qmodel(x), p)
+                    if features:
+                        fp_part = [f[i] for f in fp_feats]
+                        loss = loss + cfg.refine_features * feature_loss(q_feats, fp_part)
                     if len(parts) > 1:  # the full batch's mean, one chunk at a time
                         loss = loss * (len(x) / len(images))
                     if not torch.isfinite(loss):
@@ -115,10 +154,10 @@ def refine_scales(
         for p in frozen:
             p.requires_grad_(True)
     with torch.no_grad():
-        after = float(_kl(qmodel(images), fp_probs))
+        after = losses("after")
     return {
         "steps": cfg.refine_steps,
-        "kl_before": before,
-        "kl_after": after,
+        **before,
+        **after,
         "seconds": time.time() - t0,
     }

@@ -19,7 +19,7 @@ from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import SearchConfig, driver, prepare_equalization, preset, run_search
 from clamp_export.search.config import REFINE_SHIFT, REFINE_STEPS
 from clamp_export.search.fitness import local_contrastive
-from clamp_export.search.refine import shift_pixels, shifted
+from clamp_export.search.refine import feature_loss, shift_pixels, shifted
 from tests.conftest import make_tiny
 
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
@@ -359,3 +359,22 @@ def test_weight_cache_follows_swapped_parameter_data():
             if hasattr(mod, "weight_q"):
                 mod.weight_q._cached_weight = None
         assert torch.equal(swapped, qm(x)) and not torch.equal(swapped, before)
+
+
+def test_block_feature_term_in_the_refinement_lowers_the_block_error_it_measures():
+    kw = dict(target="trt", refine_steps=15, refine_lr=0.01, refine_shift=0.15)
+    assert "features_before" not in _search(**kw)[-1].refine  # logits only: no feature record
+    *_, logits = _search(**kw, refine_features=1e-9)  # the logit KL alone, its features recorded
+    *_, matched = _search(**kw, refine_features=1000.0)  # the tiny model's block error is ~3e-4
+    rec, ref = matched.refine, logits.refine
+    assert rec["features_before"] == ref["features_before"]  # the same searched model going in
+    # the logit KL alone lets block errors grow where they cancel at the logits (0.22 -> 0.26e-3)
+    assert rec["features_after"] < 0.8 * min(rec["features_before"], ref["features_after"])
+    assert rec["kl_after"] < rec["kl_before"]
+
+
+def test_feature_loss_is_relative_per_block():
+    f = [torch.ones(2, 3, 4), 2 * torch.ones(2, 3, 4)]
+    assert float(feature_loss(f, f)) == 0.0
+    assert float(feature_loss([torch.zeros(2, 3, 4)] * 2, f)) == pytest.approx(1.0)
+    assert float(feature_loss([2 * x for x in f], f)) == pytest.approx(1.0)
