@@ -18,7 +18,6 @@ Prints a table and writes benchmarks/results/accuracy.json.
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ from common import (  # noqa: E402
     mean_std,
     print_table,
     quantized_model,
-    shared_search_path,
 )
 
 from clamp_export import atomic  # noqa: E402
@@ -83,9 +81,8 @@ CLAMP = {
     # twice the default refinement below 8-bit activations: does the deeper model want more?
     "clamp-refine-600": ("clamp", {"refine_steps": 2 * REFINE_STEPS}),
     # the refinement also matching every block output to the float one (refine.feature_loss);
-    # on min-max W4A4 models that term is 3-5x the logit KL at weight 1
+    # on a min-max W4A4 model the term is 3-5x the logit KL at weight 1
     "clamp-refine-features": ("clamp", {"refine_features": 1.0}),
-    "clamp-refine-features-0.1": ("clamp", {"refine_features": 0.1}),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
     "clamp-legacy-L_C2+L_O-no-cyclic": ("clamp", {**LEGACY, "fitness": "both", "cyclic": False}),
@@ -166,21 +163,10 @@ def main() -> None:
                             loaded, src, args.n, seed, args.synth_preset
                         )
                     calib, gen = images[src]
-                    shared = shared_search_path(key) if search else None
                     rec = evaluate_cell(
                         cells,
                         key,
-                        partial(
-                            quantized_model,
-                            loaded,
-                            bits,
-                            target,
-                            calib,
-                            rng,
-                            search,
-                            softmax,
-                            shared,
-                        ),
+                        lambda: quantized_model(loaded, bits, target, calib, rng, search, softmax),  # noqa: B023
                         x_test,
                         y_test,
                         deployed=args.parity,

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clamp_export import atomic
 from clamp_export.quant.targets import get_profile
 
 # The benchmarks' Stage 1 sets, committed: a fresh clone re-runs a cell on the very images it
 # was measured with (a regenerated set can differ, and moves a W4A4 cell by a few tenths). A set
 # a benchmark generates lands here too; commit it with the cells it produced.
 REFERENCE_SETS = Path(__file__).resolve().parent.parent / "calib" / "reference"
-# Searched qparams before the scale refinement, kept so cells that differ only in the refinement
-# share one search. Not in git: without it a cell gives the same number, in the search's time.
-SEARCHES = Path(__file__).resolve().parent / "results" / "searches"
 
 
 @torch.inference_mode()
@@ -183,56 +177,16 @@ def searchable_model(
 
 
 def quantized_model(
-    loaded,
-    bits: str,
-    target: str,
-    calib,
-    rng: str,
-    search=None,
-    softmax: str = "uniform",
-    shared: Path | None = None,
-) -> tuple[nn.Module, float]:
-    """(calibrated fake-quant model, seconds of a search it reused); ``search`` (a SearchConfig)
-    runs Stage 2 on ``calib``.
-
-    With ``shared`` (``shared_search_path``) the search before the refinement is read from
-    there, or run and kept there. The refinement depends on the searched model and its own
-    fields only, so the model is the one ``run_search`` gives with the refinement inside.
-    """
-    from clamp_export.quant.fakequant import collect_qparams, load_qparams
-    from clamp_export.quant.qparams import QParams
+    loaded, bits: str, target: str, calib, rng: str, search=None, softmax: str = "uniform"
+):
+    """Calibrated fake-quant model; ``search`` (a SearchConfig) runs Stage 2 on ``calib``."""
     from clamp_export.search import run_search
-    from clamp_export.search.refine import refine_scales
 
     fp, qm = searchable_model(loaded, bits, target, calib, rng, search, softmax)
-    if search is None:
-        return qm, 0.0
-    header = {"model": loaded.name, "target": target, "bits": bits}
-    if shared is None:
+    if search is not None:
+        header = {"model": loaded.name, "target": target, "bits": bits}
         run_search(fp, qm, calib, search, header, loaded.preprocess.pixel_bounds(), progress=False)
-        return qm, 0.0
-    reused = 0.0
-    if shared.is_file():
-        record = json.loads(shared.read_text())
-        load_qparams(qm, QParams.from_dict(record["qparams"]))
-        reused = record["seconds"]
-    else:
-        t = time.time()
-        cfg = replace(search, refine_steps=0)
-        run_search(fp, qm, calib, cfg, header, loaded.preprocess.pixel_bounds(), progress=False)
-        record = {"qparams": collect_qparams(qm, **header).to_dict(), "seconds": time.time() - t}
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(shared, record)
-    if search.refine_steps:
-        refine_scales(fp, qm, calib, search, progress=False)
-    return qm, reused
-
-
-def shared_search_path(key: dict) -> Path:
-    """Where the search of a cell's key is kept: the key without its refinement fields."""
-    search = {k: v for k, v in key["search"].items() if not k.startswith("refine_")}
-    text = json.dumps({**key, "search": search}, sort_keys=True)
-    return SEARCHES / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+    return qm
 
 
 def cell_key(
@@ -283,14 +237,14 @@ def deployed_predictions(qm: nn.Module, target: str, x: torch.Tensor) -> torch.T
 
 
 def evaluate_cell(cells: Cells, key: dict, build, x_test, y_test, deployed: bool = False) -> dict:
-    """{top1, seconds} of the model ``build()`` returns with the seconds of a search it reused
-    (seconds = building it, not evaluating); ``deployed`` adds ``ort_top1`` and ``agreement`` of
-    its exported graph (cells stored before the option hold neither)."""
+    """{top1, seconds} of the model ``build()`` returns (seconds = building it, not evaluating);
+    ``deployed`` adds ``ort_top1`` and ``agreement`` of its exported graph (cells stored before
+    the option hold neither)."""
 
     def run() -> dict:
         t = time.time()
-        qm, reused = build()
-        seconds = time.time() - t + reused
+        qm = build()
+        seconds = time.time() - t
         pred = predictions(qm, x_test)
         rec = {"top1": float((pred == y_test).float().mean()), "seconds": seconds}
         if deployed:

@@ -88,7 +88,7 @@ def main() -> None:
             for target in args.targets.split(","):
                 for bits in args.bits.split(","):
                     _, rng, search = recipe(method, seed, bits)
-                    qm, _ = quantized_model(loaded, bits, target, calib, rng, search)
+                    qm = quantized_model(loaded, bits, target, calib, rng, search)
                     column = f"{method} {target} {bits} seed {seed}"
                     results[column] = breakdown(qm, x_test, y_test)
                     print(f"  {column}: {100 * results[column]['all quantized']:.2f}%", flush=True)
