@@ -54,6 +54,11 @@ def feature_loss(q_feats: list[torch.Tensor], fp_feats: list[torch.Tensor]) -> t
     return torch.stack(terms).mean()
 
 
+def _blocks_if(on: bool, model: nn.Module):
+    """``block_outputs`` where the feature term is on; elsewhere no hooks, an empty list."""
+    return block_outputs(model) if on else nullcontext([])
+
+
 def images_per_backward(qmodel: nn.Module) -> int:
     """How many images one backward pass may hold, so peak memory stays bounded on large models.
 
@@ -104,11 +109,11 @@ def refine_scales(
     t0 = time.time()
     features = cfg.refine_features > 0
     with torch.no_grad():
-        with block_outputs(fp_model) as fp_unshifted:
+        with _blocks_if(features, fp_model) as fp_unshifted:
             fp_probs = F.softmax(fp_model(images), dim=-1)
 
         def losses(stage: str) -> dict:
-            with block_outputs(qmodel) as q_feats:
+            with _blocks_if(features, qmodel) as q_feats:
                 out = {f"kl_{stage}": float(_kl(qmodel(images), fp_probs))}
             if features:
                 out[f"features_{stage}"] = float(feature_loss(q_feats, fp_unshifted))
@@ -132,12 +137,12 @@ def refine_scales(
                 opt.zero_grad(set_to_none=True)
                 if max_shift:
                     batch = shifted(images, max_shift, gen)
-                    with torch.no_grad(), block_outputs(fp_model) as outs:
+                    with torch.no_grad(), _blocks_if(features, fp_model) as outs:
                         targets = F.softmax(fp_model(batch), dim=-1)
                     fp_feats = [f.split(chunk) for f in outs]
                 parts = list(zip(batch.split(chunk), targets.split(chunk), strict=True))
                 for i, (x, p) in enumerate(parts):
-                    with block_outputs(qmodel) if features else nullcontext([]) as q_feats:
+                    with _blocks_if(features, qmodel) as q_feats:
                         loss = _kl(qmodel(x), p)
                     if features:
                         fp_part = [f[i] for f in fp_feats]
