@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from clamp_export.runtime.fp16_rounding import explicit_fp16, is_fp16_graph
+from clamp_export.runtime.runners import session_options
 
 PROBE_IMAGES = 64
 
@@ -64,7 +65,9 @@ def onnx_block_outputs(path: Path, x: torch.Tensor, depth: int) -> list[torch.Te
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     if is_fp16_graph(proto):  # as ort-qdq runs it (runtime.fp16_rounding)
         proto = explicit_fp16(proto)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
     dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
     feed = {session.get_inputs()[0].name: x.numpy().astype(dtype)}
     return [torch.from_numpy(np.asarray(o)).float() for o in session.run(names, feed)]
