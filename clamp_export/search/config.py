@@ -49,7 +49,9 @@ class SearchConfig:
     # L_C2 only: on fmnist_vit W4A4 it beats L_C2 + L_O by 0.24 pt on `ort`, 0.67 on `trt` (README).
     # preset(bits=...) picks L_C2 + L_O at 8-bit activations (``contrastive_saturates``).
     fitness: str = "contrastive"
-    cyclic: bool = True  # refine the synthetic images every C/2 cycles
+    cyclic: bool = True  # refine the synthetic images during the search (cyclic adaptation)
+    # cycles between two image refreshes; 0 = every C/2 cycles (configs stored without the field)
+    refresh_every: int = 0
     refresh_steps: int = 3
     refresh_lr: float = 0.02
     refresh_lambda: float = 0.5  # weight of the FP/Q disagreement term D(FP(x), Q(x))
@@ -76,12 +78,18 @@ class SearchConfig:
         if min(self.passes, self.cycles, self.population) < 1 or self.tournament < 1:
             raise UserError("passes, cycles, population and tournament must be at least 1")
         require_finite(self, "search", positive=("tau", "scan", "channel_scan"))
+        if self.refresh_every < 0:
+            raise UserError(
+                f"refresh_every must be >= 0 (0: every C/2 cycles), got {self.refresh_every}"
+            )
         if self.refine_features < 0:
             raise UserError(f"refine_features must be >= 0, got {self.refine_features}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         # keeps the records of searches made before these fields existed
+        if not d["refresh_every"]:
+            del d["refresh_every"]
         if not d["equalize"]:
             del d["equalize"]
         if not d["refine_steps"]:
@@ -91,6 +99,10 @@ class SearchConfig:
                 if not d[key]:
                     del d[key]
         return d
+
+    def refresh_period(self) -> int:
+        """Cycles between two image refreshes of the cyclic adaptation."""
+        return self.refresh_every or max(1, self.cycles // 2)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -107,7 +119,9 @@ class SearchConfig:
 
 
 PRESETS: dict[str, SearchConfig] = {
-    "default": SearchConfig(),
+    # 2 passes with one image refresh per layer: the image refreshes were 55% of the search and
+    # the third pass did not raise top-1 (docs/results.md, "The search in half the time")
+    "default": SearchConfig(passes=2, refresh_every=4),
     "fast": SearchConfig(passes=1, cycles=2, population=6, refresh_steps=2),
     "paper": SearchConfig(passes=10, cycles=6, population=15),
 }

@@ -310,7 +310,7 @@ def run_search(
     set_mode(qmodel, "quant")
     stage1 = images  # refinements start from these (see refine_images)
     caches = _Caches(fp_model, qmodel, current if resume else images)
-    half = max(1, cfg.cycles // 2)
+    period = cfg.refresh_period()
     total = cfg.passes * len(layers)
     bar = progress_bar(total=total, initial=start, desc="search", disable=not progress, leave=False)
     tap = float_tap(fp_model, "model") if cfg.cyclic else None
@@ -323,7 +323,7 @@ def run_search(
             caches.quant_input(stage)  # move the quantized cache to this layer's stage
 
             def on_cycle(cycle: int) -> bool:
-                if not cfg.cyclic or (cycle + 1) % half:
+                if not cfg.cyclic or (cycle + 1) % period:
                     return False
                 new = refine_images(tap, qmodel, stage1, cfg, pixel_bounds)
                 log.refreshes += 1
