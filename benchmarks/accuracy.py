@@ -58,7 +58,7 @@ CLAMP = {
     "clamp": ("clamp", {}),
     # the default before "The search in half the time": 3 passes, an image refresh every C/2
     # cycles (its cells keep their keys: stored configs without refresh_every mean C/2)
-    "clamp-3pass": ("clamp", {"passes": 3, "refresh_every": 0}),
+    "clamp-3pass": ("clamp", {"passes": 3, "refresh_every": 0}),  # = --search-preset thorough
     # the ablations, on top of the default
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness

@@ -139,7 +139,7 @@ _RECIPE_OPTIONS = [
         "--search-preset",
         default="default",
         show_default=True,
-        help="Stage 2 preset: default, fast or paper.",
+        help="Stage 2 preset: default (2 passes), thorough (3 passes, twice the image refreshes), fast or paper.",
     ),
     click.option(
         "--no-cyclic", is_flag=True, help="Ablation: no cyclic image refinement during the search."

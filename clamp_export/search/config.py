@@ -122,6 +122,8 @@ PRESETS: dict[str, SearchConfig] = {
     # 2 passes with one image refresh per layer: the image refreshes were 55% of the search and
     # the third pass did not raise top-1 (docs/results.md, "The search in half the time")
     "default": SearchConfig(passes=2, refresh_every=4),
+    # the default before it was halved: 3 passes, an image refresh every C/2 cycles
+    "thorough": SearchConfig(),
     "fast": SearchConfig(passes=1, cycles=2, population=6, refresh_steps=2),
     "paper": SearchConfig(passes=10, cycles=6, population=15),
 }

@@ -319,6 +319,28 @@ def test_scan_round_trips_through_json():
     assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
+@pytest.mark.parametrize("every, per_layer", [(0, 2), (4, 1), (1, 4)])
+def test_image_refreshes_come_every_refresh_every_cycles(every, per_layer):
+    _, qm, _, _, log = _search(
+        cycles=4, passes=1, cyclic=True, refresh_steps=1, refresh_every=every
+    )
+    assert log.refreshes == per_layer * len(driver.stages.searchable_layers(qm))
+
+
+def test_refresh_every_round_trips_and_stored_configs_keep_c_over_2():
+    cfg = SearchConfig(refresh_every=4)
+    assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    old = SearchConfig(cycles=6).to_dict()  # what a search stored before the field existed
+    assert "refresh_every" not in old and SearchConfig.from_dict(old).refresh_period() == 3
+    assert preset("default").refresh_period() == preset("default").cycles == 4
+    assert preset("default").passes == 2 and preset("paper").refresh_period() == 3
+    thorough = preset("thorough")  # the previous default, as its stored searches recorded it
+    assert thorough.passes == 3 and thorough.refresh_period() == 2
+    assert "refresh_every" not in thorough.to_dict()
+    with pytest.raises(UserError, match="refresh_every must be >= 0"):
+        SearchConfig(refresh_every=-1)
+
+
 def test_refinement_gradient_in_two_passes_is_exact():
     from clamp_export.search.driver import refinement_grad
     from clamp_export.synth.generator import float_tap
