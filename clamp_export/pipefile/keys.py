@@ -147,7 +147,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "calibration.search_preset",
         _enum(SEARCH_PRESETS),
-        "Stage 2 preset.",
+        "Stage 2 preset: `default` (2 passes, one image refresh per layer), `thorough` (3 passes, "
+        "a refresh every 2 cycles: the default before), `fast`, `paper`.",
         "--search-preset",
     ),
     Key("calibration.seed", _INT, "Seed of Stage 1 and 2.", "--seed"),
