@@ -63,6 +63,10 @@ CLAMP = {
     "clamp-no-cyclic": ("clamp", {"cyclic": False}),
     "clamp-L_C2+L_O": ("clamp", {"fitness": "both"}),  # the paper's fitness
     "clamp-L_O-only": ("clamp", {"fitness": "output"}),
+    # one more feature of the default off at a time (with clamp-no-cyclic, clamp-no-refine)
+    "clamp-without-equalize": ("clamp", {"equalize": False}),
+    "clamp-without-channel-scan": ("clamp", {"channel_scan": ()}),
+    "clamp-without-shift": ("clamp", {"refine_shift": 0.0}),  # refined on the images as they are
     # L_C2 alone at every bit-width: the default at 8-bit activations before L_O joined it there
     "clamp-L_C2-only": ("clamp", {"fitness": "contrastive"}),
     # the previous default: the scale refinement for 100 steps on the unshifted Stage 1 images
