@@ -174,8 +174,9 @@ def test_synth_cli_writes_files_and_reuses_the_cache(tiny_weights, tmp_path):
 
 
 @requires_fmnist
+@pytest.mark.parametrize("model", ["fmnist_vit", "fmnist_vit_reg4"])
 @pytest.mark.parametrize("method", ["clamp", "psaq"])
-def test_benchmark_reference_sets_match_the_current_cache_key(method):
+def test_benchmark_reference_sets_match_the_current_cache_key(method, model):
     """The committed Stage 1 sets stay reachable: a change to the model's identity, its
     preprocessing or the default Stage 1 config moves the key, and the benchmarks would silently
     regenerate (and disagree with their stored cells)."""
@@ -184,7 +185,7 @@ def test_benchmark_reference_sets_match_the_current_cache_key(method):
     from clamp_export.synth.store import read_set
 
     root = Path(__file__).resolve().parents[2] / "calib" / "reference"
-    loaded = load_model("fmnist_vit")
+    loaded = load_model(model)
     for seed in (0, 1, 2):
         cfg = preset("default", method=method, n=32, seed=seed)
         folder = cached_folder(loaded, cfg, root)
