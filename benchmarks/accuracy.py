@@ -3,7 +3,8 @@
 Methods: noise / psaq / clamp-synth / real (32 train images) calibration with min-max and with
 percentile ranges; full CLAMP (Stage 1 + search + cyclic, fitness L_C2, channel scan); the same
 search on the real images instead of Stage 1's; and the ablations: no channel scan, no cyclic
-adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only; and a
+adaptation, the paper's L_C2 + L_O with and without cyclic adaptation, L_O only, and each
+feature of the current default turned off alone (``clamp-without-*``); and a
 ``-twin`` variant of each baseline and of full CLAMP, with a twin-uniform softmax output. Ladder
 W8A8 ... W3A4 and mixed precision under the ort and trt profiles, mean ± std over seeds, time per
 method. ``--parity`` adds ONNX Runtime's top-1 on each cell's exported graph and its agreement
