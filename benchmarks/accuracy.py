@@ -209,6 +209,7 @@ def main() -> None:
                 for c, v in agree.items()
             ],
         )
+    print("\ntime per cell")
     print_table(
         ["method", "seconds (mean, incl. image generation)"],
         [[m, f"{mean_std(seconds[m])[0]:.1f}"] for m in methods if m in seconds],
