@@ -91,6 +91,8 @@ CLAMP = {
     # the refinement also matching every block output to the float one (refine.feature_loss);
     # on a min-max W4A4 model the term is 3-5x the logit KL at weight 1
     "clamp-refine-features": ("clamp", {"refine_features": 1.0}),
+    # the refinement on the squared error of every class's log-probability instead of the KL
+    "clamp-logprob-mse": ("clamp", {"refine_loss": "logprob_mse"}),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
     "clamp-legacy-L_C2+L_O-no-cyclic": ("clamp", {**LEGACY, "fitness": "both", "cyclic": False}),

@@ -16,6 +16,8 @@ from clamp_export.quant.bits import BitsSpec
 # L_C2 alone (the default below 8-bit activations), the paper's L_C2 + L_O (the default at
 # uniform 8-bit activations, see ``preset``), and L_O alone; benchmarks/accuracy.py measures all
 FITNESS = ("contrastive", "both", "output")
+# the scale refinement's distance to the float model's class probabilities (refine.distillation_loss)
+REFINE_LOSSES = ("kl", "logprob_mse")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class SearchConfig:
     # weight of the block-output error beside the logit KL in the refinement (refine.feature_loss);
     # 0 = logits only, as configs stored without the field had
     refine_features: float = 0.0
+    # the refinement's logit loss: ``kl`` (as configs stored without the field) or ``logprob_mse``
+    refine_loss: str = "kl"
 
     def __post_init__(self) -> None:
         if self.fitness not in FITNESS:
@@ -84,6 +88,10 @@ class SearchConfig:
             )
         if self.refine_features < 0:
             raise UserError(f"refine_features must be >= 0, got {self.refine_features}")
+        if self.refine_loss not in REFINE_LOSSES:
+            raise UserError(
+                f"unknown refine_loss {self.refine_loss!r}; choose one of: {', '.join(REFINE_LOSSES)}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,11 +101,14 @@ class SearchConfig:
         if not d["equalize"]:
             del d["equalize"]
         if not d["refine_steps"]:
-            del d["refine_steps"], d["refine_lr"], d["refine_shift"], d["refine_features"]
+            for key in [k for k in d if k.startswith("refine_")]:
+                del d[key]
         else:
             for key in ("refine_shift", "refine_features"):
                 if not d[key]:
                     del d[key]
+            if d["refine_loss"] == "kl":
+                del d["refine_loss"]
         return d
 
     def refresh_period(self) -> int:

@@ -19,7 +19,13 @@ from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import SearchConfig, driver, prepare_equalization, preset, run_search
 from clamp_export.search.config import REFINE_SHIFT, REFINE_STEPS
 from clamp_export.search.fitness import local_contrastive
-from clamp_export.search.refine import feature_loss, shift_pixels, shifted
+from clamp_export.search.refine import (
+    distillation_loss,
+    feature_loss,
+    logprob_mse,
+    shift_pixels,
+    shifted,
+)
 from tests.conftest import make_tiny
 
 PRE = Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=(3, 16, 16))
@@ -400,3 +406,39 @@ def test_feature_loss_is_relative_per_block():
     assert float(feature_loss(f, f)) == 0.0
     assert float(feature_loss([torch.zeros(2, 3, 4)] * 2, f)) == pytest.approx(1.0)
     assert float(feature_loss([2 * x for x in f], f)) == pytest.approx(1.0)
+
+
+def test_logprob_mse_counts_every_class_alike():
+    fp = torch.tensor([[0.9, 0.09, 0.01]])
+    assert float(logprob_mse(fp.log(), fp)) == pytest.approx(0.0, abs=1e-12)
+    # a logit shift common to all classes is no error: log-probabilities are compared
+    assert float(logprob_mse(fp.log() + 3.0, fp)) == pytest.approx(0.0, abs=1e-10)
+    # the same factor of 2 on the least likely class instead of the likeliest: KL sees 0.17 of
+    # the error, the log-probability MSE 0.56
+    top = torch.tensor([[0.9 * 2, 0.09, 0.01]]).log()
+    tail = torch.tensor([[0.9, 0.09, 0.01 * 2]]).log()
+
+    def tail_share(kind: str) -> float:
+        return float(distillation_loss(tail, fp, kind) / distillation_loss(top, fp, kind))
+
+    assert tail_share("logprob_mse") > 3 * tail_share("kl")
+    # by hand: log q - log p for logits log([1, 1]) against p = [0.75, 0.25]
+    p = torch.tensor([[0.75, 0.25]])
+    expected = math.log(0.5 / 0.75) ** 2 + math.log(0.5 / 0.25) ** 2
+    assert float(logprob_mse(torch.zeros(1, 2), p)) == pytest.approx(expected)
+    assert math.isfinite(float(logprob_mse(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))))
+
+
+def test_refinement_on_logprob_mse_changes_scales_and_round_trips():
+    kw = dict(target="trt", refine_steps=15, refine_lr=0.01, refine_shift=0.15)
+    _, _, kl, _, _ = _search(**kw)
+    _, qm, mse, _, log = _search(**kw, refine_loss="logprob_mse")
+    assert log.refine["kl_after"] < log.refine["kl_before"]  # it still pulls Q towards FP
+    assert [p.scale for *_, p in mse.points()] != [p.scale for *_, p in kl.points()]
+    cfg = SearchConfig(refine_steps=5, refine_loss="logprob_mse")
+    assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert "refine_loss" not in SearchConfig(refine_steps=5).to_dict()  # stored cells keep keys
+    with pytest.raises(
+        UserError, match="unknown refine_loss 'mse'; choose one of: kl, logprob_mse"
+    ):
+        SearchConfig(refine_loss="mse")
