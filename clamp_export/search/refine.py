@@ -45,9 +45,13 @@ def logprob_mse(q_logits: torch.Tensor, fp_probs: torch.Tensor) -> torch.Tensor:
     return ((F.log_softmax(q_logits, dim=-1) - log_fp) ** 2).sum(-1).mean()
 
 
+# SearchConfig.refine_loss -> the loss; config.REFINE_LOSSES lists the same names
+DISTILLATION_LOSSES = {"kl": _kl, "logprob_mse": logprob_mse}
+
+
 def distillation_loss(q_logits: torch.Tensor, fp_probs: torch.Tensor, kind: str) -> torch.Tensor:
     """The refinement's loss ``kind`` (``SearchConfig.refine_loss``) against the float model."""
-    return logprob_mse(q_logits, fp_probs) if kind == "logprob_mse" else _kl(q_logits, fp_probs)
+    return DISTILLATION_LOSSES[kind](q_logits, fp_probs)
 
 
 @contextmanager

@@ -17,9 +17,10 @@ from clamp_export.quant.fakequant import load_qparams, quantizers, wrap_model
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.runners import OrtRunner, TorchRunner
 from clamp_export.search import SearchConfig, driver, prepare_equalization, preset, run_search
-from clamp_export.search.config import REFINE_SHIFT, REFINE_STEPS
+from clamp_export.search.config import REFINE_LOSS, REFINE_LOSSES, REFINE_SHIFT, REFINE_STEPS
 from clamp_export.search.fitness import local_contrastive
 from clamp_export.search.refine import (
+    DISTILLATION_LOSSES,
     distillation_loss,
     feature_loss,
     logprob_mse,
@@ -179,15 +180,32 @@ def test_shifted_refinement_is_deterministic_per_seed():
 )
 def test_presets_equalize_and_refine_below_8_bit_activations(bits, low, fitness):
     cfg = preset("default", BitsSpec.parse(bits))
-    expected = (True, REFINE_STEPS, REFINE_SHIFT, fitness) if low else (False, 0, 0.0, fitness)
-    assert (cfg.equalize, cfg.refine_steps, cfg.refine_shift, cfg.fitness) == expected
+    expected = (
+        (True, REFINE_STEPS, REFINE_SHIFT, REFINE_LOSS, fitness)
+        if low
+        else (False, 0, 0.0, "kl", fitness)
+    )
+    assert (
+        cfg.equalize,
+        cfg.refine_steps,
+        cfg.refine_shift,
+        cfg.refine_loss,
+        cfg.fitness,
+    ) == expected
     assert preset("default", BitsSpec.parse(bits), fitness="output").fitness == "output"
     assert ("refine_steps" in cfg.to_dict()) == low  # records made before the field keep their keys
     assert ("refine_shift" in cfg.to_dict()) == low
+    assert cfg.to_dict().get("refine_loss") == ("logprob_mse" if low else None)
     assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert (
         preset("default", BitsSpec.parse(bits), refine_steps=7).refine_steps == 7
     )  # --refine-steps
+
+
+def test_weight_only_preset_refines_on_the_kl_it_was_measured_with():
+    cfg = preset("default", BitsSpec.parse("w4a16"))
+    assert (cfg.refine_steps, cfg.refine_loss, cfg.equalize) == (REFINE_STEPS, "kl", False)
+    assert "refine_loss" not in cfg.to_dict()  # the stored w4a16 cells keep their keys
 
 
 def test_resume_refuses_another_config_and_reports_corruption(tmp_path):
@@ -427,6 +445,7 @@ def test_logprob_mse_counts_every_class_alike():
     expected = math.log(0.5 / 0.75) ** 2 + math.log(0.5 / 0.25) ** 2
     assert float(logprob_mse(torch.zeros(1, 2), p)) == pytest.approx(expected)
     assert math.isfinite(float(logprob_mse(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))))
+    assert tuple(DISTILLATION_LOSSES) == REFINE_LOSSES  # every name the config accepts runs
 
 
 def test_refinement_on_logprob_mse_changes_scales_and_round_trips():
