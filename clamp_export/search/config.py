@@ -147,7 +147,7 @@ REFINE_STEPS = 300
 REFINE_SHIFT = 0.07
 # ... and its loss there: at W4A4 the log-probability MSE beat the KL by +0.11 pt over 12 paired
 # cells (3 seeds, both models and targets) and was level at W3A4 (docs/results.md, "The
-# refinement's loss"). The weight-only refinement keeps the KL it was measured with.
+# refinement on logprob_mse"). The weight-only refinement keeps the KL it was measured with.
 REFINE_LOSS = "logprob_mse"
 
 
