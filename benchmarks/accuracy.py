@@ -54,9 +54,10 @@ BASELINES = tuple(
 SEARCH_ONLY = {"refine_steps": 0}
 # The search before the per-channel weight scan and channel equalization joined it.
 LEGACY = {**SEARCH_ONLY, "channel_scan": (), "equalize": False}
-# The scale refinement on the KL: the default below 8-bit activations before "The refinement's
-# loss". The variants measured on top of that default keep it (``**KL``), so their stored cells
-# stay theirs; at 8-bit activations and without the refinement it changes nothing.
+# The scale refinement on the KL: the default below 8-bit activations before "The refinement on
+# logprob_mse" (docs/results.md). The variants measured on top of that default keep it (``**KL``),
+# so their stored cells stay theirs; at 8-bit activations and without the refinement it changes
+# nothing.
 KL = {"refine_loss": "kl"}
 # CLAMP variants: (calibration image source, search config overrides)
 CLAMP = {
