@@ -12,7 +12,7 @@ import click
 
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import SOFTMAX_LEVELS
-from clamp_export.search.config import FITNESS
+from clamp_export.search.config import FITNESS, REFINE_LOSSES
 
 DEFAULT_COMMAND = "quantize"
 
@@ -156,6 +156,13 @@ _RECIPE_OPTIONS = [
         help="Adam steps of the scale refinement after the search: every scale at once, to the "
         "float logits on randomly shifted Stage 1 images; 0 turns it off (default: the preset's, "
         "300 below 8-bit activations).",
+    ),
+    click.option(
+        "--refine-loss",
+        type=click.Choice(REFINE_LOSSES),
+        help="The scale refinement's distance to the float model: logprob_mse (squared error of "
+        "every class's log-probability, the presets' default below 8-bit activations) or kl "
+        "(the default of the W4A16 weight-only refinement, and before).",
     ),
     click.option(
         "--fitness",
@@ -343,6 +350,7 @@ def _run_config(kw: dict, **extra):
             "fitness": kw["fitness"],
             "equalize": kw["equalize"],
             "refine_steps": kw["refine_steps"],
+            "refine_loss": kw["refine_loss"],
         },
         resume=kw["resume"],
         budget_mb=kw["budget_mb"],

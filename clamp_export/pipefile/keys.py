@@ -13,7 +13,7 @@ from clamp_export.quant.bits import SOFTMAX_LEVELS
 from clamp_export.quant.calibrate import RANGE_METHODS
 from clamp_export.quant.targets import PROFILES
 from clamp_export.runtime.backends import BACKENDS
-from clamp_export.search.config import FITNESS
+from clamp_export.search.config import FITNESS, REFINE_LOSSES
 from clamp_export.search.config import PRESETS as SEARCH_PRESETS
 from clamp_export.synth.config import PRESETS as SYNTH_PRESETS
 
@@ -195,6 +195,12 @@ KEYS: tuple[Key, ...] = (
         {"type": "integer", "minimum": 0},
         "Scale-refinement steps after the search (default: the preset's).",
         "--refine-steps",
+    ),
+    Key(
+        "calibration.refine_loss",
+        _enum(REFINE_LOSSES),
+        "The scale refinement's loss: `logprob_mse` or `kl` (default: the preset's).",
+        "--refine-loss",
     ),
     Key(
         "calibration.fitness",
