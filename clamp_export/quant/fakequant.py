@@ -20,7 +20,7 @@ from torch import nn
 from clamp_export.errors import UserError
 from clamp_export.quant.bits import BLOCK_SIZES, FLOAT_BITS, SOFTMAX_LEVELS, BitsSpec
 from clamp_export.quant.equalize import applied_equalization, apply_equalization
-from clamp_export.quant.fp16 import emulate_fp16_graph, to_fp16_grid
+from clamp_export.quant.fp16 import emulate_fp16_graph, to_fp16_grid, to_fp16_grid_
 from clamp_export.quant.math import (
     fake_quantize,
     fake_quantize_learned,
@@ -270,7 +270,7 @@ class Quantizer(nn.Module):
         if self.exporting and not self.is_weight:
             return _QDQ.apply(x, float(self.scale), *self.graph_levels(), self.signed)
         if not self.is_weight:
-            x = self._as_stored(x)
+            x = self.as_stored(x)
         return self._fake_quantize(x)
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +280,7 @@ class Quantizer(nn.Module):
         zp = None if self._zp_is_zero else self.zero_point
         return fake_quantize(x, self.scale, zp, self.qmin, self.qmax, self.axis)
 
-    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """An activation as the graph holds it: in an FP16 graph, Q sees FP16 values."""
         return to_fp16_grid(x) if self.store_dtype == torch.float16 else x
 
@@ -299,7 +299,7 @@ class Quantizer(nn.Module):
                 return _QDQ.apply(part, float(scale), 0, 0, n - 1, self.signed)
             return fake_quantize(part, scale, None, 0, n - 1)
 
-        fine, coarse = twin_split(x if self.exporting else self._as_stored(x), self._twin_threshold)
+        fine, coarse = twin_split(x if self.exporting else self.as_stored(x), self._twin_threshold)
         return grid(fine, self.scale), grid(coarse, self.scale * n)
 
     def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -376,8 +376,9 @@ class _QuantWeighted(nn.Module):
         self.input_q = input_q
         self.weight_q = weight_q
         self.exporting = False
-        # the graph's float type: an FP16 graph stores each product and each bias add in FP16
-        self.round = to_fp16_grid if input_q.store_dtype == torch.float16 else _unchanged
+        # the graph's float type: an FP16 graph stores each product and each bias add in FP16.
+        # Applied to results the module has just computed only, so in place (``to_fp16_grid_``)
+        self.round = to_fp16_grid_ if input_q.store_dtype == torch.float16 else _unchanged
 
     def prepare_export(self, dtype: torch.dtype) -> None:
         """Freeze the integer weights as buffers, so they trace to int8 initializers (a float
@@ -438,7 +439,7 @@ class QuantConv2d(_QuantWeighted):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_q(self.round(x))  # an FP16 graph takes FP16 images
+        x = self.input_q(self.input_q.as_stored(x))  # an FP16 graph takes FP16 images
         w = self._export_weight() if self.exporting else self.weight_q.quantized_weight(self.weight)
         if _integer_gemm(self.input_q, self.weight_q):  # never while exporting
             return self.round(self._integer_conv(x, w))

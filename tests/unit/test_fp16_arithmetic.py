@@ -11,7 +11,7 @@ from clamp_export.models.preprocess import Preprocess
 from clamp_export.quant.bits import BitsSpec
 from clamp_export.quant.calibrate import calibrate
 from clamp_export.quant.fakequant import wrap_model
-from clamp_export.quant.fp16 import GraphGELU
+from clamp_export.quant.fp16 import GraphGELU, to_fp16_grid, to_fp16_grid_
 from clamp_export.quant.math import integer_product
 from clamp_export.quant.targets import get_profile
 from clamp_export.runtime.fp16_rounding import explicit_fp16
@@ -100,6 +100,32 @@ def test_graph_gelu_rounds_each_op_of_the_decomposition():
     assert not torch.equal(g, nn.functional.gelu(x).half().float())
     assert (g - nn.functional.gelu(x)).abs().max() < 1e-2
     assert torch.equal(GraphGELU()(x.half()), nn.functional.gelu(x.half()))  # traced as is
+
+
+def test_in_place_rounding_only_where_autograd_does_not_record_it():
+    x = torch.linspace(-3, 3, 1001) / 7
+    ref = to_fp16_grid(x)
+    assert not torch.equal(ref, x)
+    y = x.clone()
+    assert to_fp16_grid_(y) is y and torch.equal(y, ref)  # no grad: its own storage
+    w = x.clone().requires_grad_()
+    z = to_fp16_grid_(w * 1.0)  # recorded: a new tensor, and backward still runs
+    assert torch.equal(z, ref)
+    z.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(x))
+
+
+def test_trt_fake_quant_leaves_its_input_and_search_images_alone(tiny_vit):
+    """Products and sums are rounded in place; the images a search reuses must not be."""
+    qm = calibrate(
+        wrap_model(tiny_vit, BitsSpec.parse("w4a4"), get_profile("trt")), noise_images(4, PRE, 1)
+    )
+    x = noise_images(4, PRE, 0) / 3  # off the FP16 grid
+    x0 = x.clone()
+    with torch.inference_mode():
+        first, second = qm(x), qm(x)
+    assert torch.equal(x, x0)
+    assert torch.equal(first, second)
 
 
 def test_ort_profile_keeps_fp32_arithmetic(tiny_vit, tmp_path):
