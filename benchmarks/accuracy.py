@@ -98,6 +98,9 @@ CLAMP = {
     # the refinement also matching every block output to the float one (refine.feature_loss);
     # on a min-max W4A4 model the term is 3-5x the logit KL at weight 1
     "clamp-refine-features": ("clamp", {**KL, "refine_features": 1.0}),
+    # the default with each refinement image also mirrored left to right at random, as the
+    # reference models were trained (docs/results.md, "Where the refinement stops")
+    "clamp-refine-flip": ("clamp", {"refine_flip": True}),
     "clamp-legacy-no-cyclic": ("clamp", {**LEGACY, "cyclic": False}),
     "clamp-legacy-L_C2+L_O": ("clamp", {**LEGACY, "fitness": "both"}),
     "clamp-legacy-L_C2+L_O-no-cyclic": ("clamp", {**LEGACY, "fitness": "both", "cyclic": False}),

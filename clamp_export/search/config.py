@@ -68,6 +68,9 @@ class SearchConfig:
     # the refinement's largest random image shift per step, as a fraction of the image side;
     # preset(bits=...) sets it with refine_steps. Configs stored without it had none.
     refine_shift: float = 0.0
+    # mirror each refinement image left to right with probability 1/2 (refine.flipped); opt-in,
+    # configs stored without the field had none
+    refine_flip: bool = False
     # weight of the block-output error beside the logit KL in the refinement (refine.feature_loss);
     # 0 = logits only, as configs stored without the field had
     refine_features: float = 0.0
@@ -105,7 +108,7 @@ class SearchConfig:
             for key in [k for k in d if k.startswith("refine_")]:
                 del d[key]
         else:
-            for key in ("refine_shift", "refine_features"):
+            for key in ("refine_shift", "refine_flip", "refine_features"):
                 if not d[key]:
                     del d[key]
             if d["refine_loss"] == "kl":

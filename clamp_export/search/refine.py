@@ -103,6 +103,13 @@ def shifted(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     )
 
 
+def flipped(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left to right with probability 1/2, as the reference models' training
+    augmentation does beside its shifts: more distinct views of few calibration images."""
+    mirror = torch.rand(len(images), generator=gen) < 0.5
+    return torch.where(mirror[:, None, None, None], images.flip(-1), images)
+
+
 def shift_pixels(images: torch.Tensor, fraction: float) -> int:
     """The largest shift for ``fraction`` of the image side: 2 px at 28 px for 0.07, 16 at 224."""
     return max(1, round(fraction * images.shape[-1])) if fraction > 0 else 0
@@ -116,7 +123,7 @@ def refine_scales(
     progress: bool = True,
 ) -> dict:
     """Adam on every log-scale of ``qmodel`` (in place) for KL(FP || Q), or the loss that
-    ``cfg.refine_loss`` names, on shifted ``images``; plus ``cfg.refine_features`` times
+    ``cfg.refine_loss`` names, on shifted (with ``cfg.refine_flip`` also mirrored) ``images``; plus ``cfg.refine_features`` times
     ``feature_loss`` on the block outputs where it is set.
 
     ``cfg.refine_steps`` steps at ``cfg.refine_lr``; ``cfg.refine_shift`` is the largest shift as
@@ -155,8 +162,10 @@ def refine_scales(
                 range(cfg.refine_steps), desc="refine scales", disable=not progress, leave=False
             ):
                 opt.zero_grad(set_to_none=True)
-                if max_shift:
+                if max_shift or cfg.refine_flip:
                     batch = shifted(images, max_shift, gen)
+                    if cfg.refine_flip:
+                        batch = flipped(batch, gen)
                     with torch.no_grad(), _blocks_if(features, fp_model) as outs:
                         targets = F.softmax(fp_model(batch), dim=-1)
                     fp_feats = [f.split(chunk) for f in outs]

@@ -23,6 +23,7 @@ from clamp_export.search.refine import (
     DISTILLATION_LOSSES,
     distillation_loss,
     feature_loss,
+    flipped,
     logprob_mse,
     shift_pixels,
     shifted,
@@ -166,6 +167,29 @@ def test_shifted_refinement_is_deterministic_per_seed():
     a, b = (_search(**kw)[2].to_dict() for _ in range(2))
     other = _search(**kw, seed=1)[2].to_dict()
     assert a == b and a != other
+
+
+def test_flipped_images_are_mirrored_at_random_per_image():
+    images = torch.arange(8 * 2 * 5 * 6, dtype=torch.float32).view(8, 2, 5, 6)
+    gen = torch.Generator().manual_seed(0)
+    out = torch.cat([flipped(images, gen) for _ in range(4)])
+    pairs = list(zip(out, images.repeat(4, 1, 1, 1), strict=True))
+    mirrored = [torch.equal(o, x.flip(-1)) for o, x in pairs]
+    kept = [torch.equal(o, x) for o, x in pairs]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # the image or its mirror
+    assert 8 < sum(mirrored) < 24  # about half, drawn per image
+    assert torch.equal(flipped(images, torch.Generator().manual_seed(0)), out[:8])
+
+
+def test_flipped_refinement_changes_scales_deterministically_and_round_trips():
+    kw = dict(refine_steps=4, refine_lr=0.01, refine_shift=0.15, passes=1)
+    plain = _search(**kw)[2].to_dict()
+    flip, again = (_search(**kw, refine_flip=True)[2].to_dict() for _ in range(2))
+    assert flip == again and flip != plain
+    cfg = SearchConfig(refine_steps=4, refine_flip=True)
+    assert cfg.to_dict()["refine_flip"] is True
+    assert SearchConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert "refine_flip" not in SearchConfig(refine_steps=4).to_dict()  # stored records keep keys
 
 
 @pytest.mark.parametrize(
