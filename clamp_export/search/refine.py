@@ -123,8 +123,8 @@ def refine_scales(
     progress: bool = True,
 ) -> dict:
     """Adam on every log-scale of ``qmodel`` (in place) for KL(FP || Q), or the loss that
-    ``cfg.refine_loss`` names, on shifted (with ``cfg.refine_flip`` also mirrored) ``images``; plus ``cfg.refine_features`` times
-    ``feature_loss`` on the block outputs where it is set.
+    ``cfg.refine_loss`` names, on shifted (with ``cfg.refine_flip`` also mirrored) ``images``;
+    plus ``cfg.refine_features`` times ``feature_loss`` on the block outputs where it is set.
 
     ``cfg.refine_steps`` steps at ``cfg.refine_lr``; ``cfg.refine_shift`` is the largest shift as
     a fraction of the image side (0: the images as they are), the shifts drawn from ``cfg.seed``.
