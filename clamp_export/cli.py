@@ -165,6 +165,13 @@ _RECIPE_OPTIONS = [
         "(the default of the W4A16 weight-only refinement, and before).",
     ),
     click.option(
+        "--refine-flip/--no-refine-flip",
+        default=None,
+        help="Mirror each scale-refinement image left to right with probability 1/2, as most "
+        "image classifiers' training augmentation does; off for models trained without "
+        "mirrored images (default: the preset's).",
+    ),
+    click.option(
         "--fitness",
         type=click.Choice(FITNESS),
         help="Stage 2 fitness: contrastive (L_C2, the presets' default below 8-bit activations), "
@@ -351,6 +358,7 @@ def _run_config(kw: dict, **extra):
             "equalize": kw["equalize"],
             "refine_steps": kw["refine_steps"],
             "refine_loss": kw["refine_loss"],
+            "refine_flip": kw["refine_flip"],
         },
         resume=kw["resume"],
         budget_mb=kw["budget_mb"],

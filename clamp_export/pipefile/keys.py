@@ -203,6 +203,13 @@ KEYS: tuple[Key, ...] = (
         "--refine-loss",
     ),
     Key(
+        "calibration.refine_flip",
+        _BOOL,
+        "Mirror the scale refinement's images at random (default: the preset's).",
+        "--refine-flip/--no-refine-flip",
+        "switch",
+    ),
+    Key(
         "calibration.fitness",
         _enum(FITNESS),
         "Stage 2 fitness (default: the preset's).",

@@ -218,21 +218,28 @@ def test_keys_become_the_commands_options(tmp_path):
     assert ctx.params["seed"] == 7 and ctx.params["calib_size"] == 32 and ctx.params["no_engine"]
 
 
-def test_refine_loss_key_reaches_the_search_recipe(tmp_path):
+@pytest.mark.parametrize(
+    "setting, field, preset_value, value",
+    [
+        ("calibration.refine_loss=kl", "refine_loss", "logprob_mse", "kl"),
+        ("calibration.refine_flip=true", "refine_flip", False, True),
+    ],
+)
+def test_refinement_keys_reach_the_search_recipe(tmp_path, setting, field, preset_value, value):
     from clamp_export.pipeline import _recipe
     from clamp_export.quant.bits import BitsSpec
 
     text = GOOD.replace("bits: w4a8", "bits: w4a4")
     recipes = {}
-    for sets in ((), ("calibration.refine_loss=kl",)):
+    for sets in ((), (setting,)):
         argv = list(pipefile.load(write(tmp_path, text), sets=sets).argv)
         run = cli._run_config(cli.quantize.make_context("quantize", argv).params)
         recipes[sets] = _recipe(run, BitsSpec.parse("w4a4"), real=False).search
-    assert recipes[()].refine_loss == "logprob_mse"  # the preset's, below 8-bit activations
-    assert recipes[("calibration.refine_loss=kl",)].refine_loss == "kl"
-    assert recipes[()].refine_steps == recipes[("calibration.refine_loss=kl",)].refine_steps
-    with pytest.raises(UserError, match="refine_loss"):
-        pipefile.load(write(tmp_path, text), sets=("calibration.refine_loss=mse",))
+    assert getattr(recipes[()], field) == preset_value  # the preset's, below 8-bit activations
+    assert getattr(recipes[(setting,)], field) == value
+    assert recipes[()].refine_steps == recipes[(setting,)].refine_steps
+    with pytest.raises(UserError, match=field):
+        pipefile.load(write(tmp_path, text), sets=(f"calibration.{field}=mse",))
 
 
 def test_env_default_and_out_root(tmp_path, monkeypatch):
