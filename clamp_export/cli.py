@@ -168,8 +168,8 @@ _RECIPE_OPTIONS = [
         "--refine-flip/--no-refine-flip",
         default=None,
         help="Mirror each scale-refinement image left to right with probability 1/2, as most "
-        "image classifiers' training augmentation does; off for models trained without "
-        "mirrored images (default: the preset's).",
+        "image classifiers' training augmentation does; leave it off for models trained without "
+        "mirrored images (default: the preset's, off in every preset).",
     ),
     click.option(
         "--fitness",
